@@ -1,0 +1,74 @@
+"""Where the ``log`` channel goes by default (structlog), and a helper for applications.
+
+The library never calls ``structlog.configure()`` on its own: applications do, and
+:func:`configure_logging` is there for those (and for the examples) that want a
+sensible default.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any, Literal, TextIO
+
+import structlog
+
+_STANDARD_LEVELS = (logging.CRITICAL, logging.ERROR, logging.WARNING, logging.INFO, logging.DEBUG)
+
+
+def _standard_level(level: int) -> int:
+    """The standard level at or below ``level`` (structlog knows only those)."""
+    for standard in _STANDARD_LEVELS:
+        if level >= standard:
+            return standard
+    return logging.DEBUG
+
+
+def log_to_structlog(msg: str, level: int = logging.INFO, **fields: Any) -> None:
+    """The bus's default ``log`` listener: one structlog event on the ``aiobus`` logger.
+
+    A ``traceback`` field (sent by ``bus.log(..., traceback=True)``) becomes the
+    event's ``exception``, which structlog's renderers print as a traceback.
+    """
+    if "traceback" in fields:
+        fields["exception"] = fields.pop("traceback")
+    structlog.get_logger("aiobus").log(_standard_level(level), msg, **fields)
+
+
+def configure_logging(
+    *,
+    format: Literal["auto", "console", "json"] = "auto",
+    level: int = logging.INFO,
+    stream: TextIO | None = None,
+) -> None:
+    """Configure structlog for an application: console lines on a terminal, JSON lines otherwise.
+
+    Args:
+        format: ``"console"``, ``"json"``, or ``"auto"`` (console when ``stream`` is a terminal).
+        level: the lowest level printed.
+        stream: where lines go; standard error by default.
+    """
+    out = sys.stderr if stream is None else stream
+    if format == "auto":
+        format = "console" if out.isatty() else "json"
+    if format not in ("console", "json"):
+        raise ValueError(f"format must be 'auto', 'console' or 'json', not {format!r}")
+    renderer: Any
+    if format == "console":
+        renderer = structlog.dev.ConsoleRenderer(colors=out.isatty())
+    else:
+        renderer = structlog.processors.JSONRenderer()
+    processors: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="%Y-%m-%d %H:%M:%S"),
+    ]
+    if format == "json":
+        processors.append(structlog.processors.format_exc_info)
+    processors.append(renderer)
+    structlog.configure(
+        processors=processors,
+        wrapper_class=structlog.make_filtering_bound_logger(level),
+        logger_factory=structlog.PrintLoggerFactory(out),
+        cache_logger_on_first_use=False,
+    )

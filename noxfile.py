@@ -1,0 +1,37 @@
+"""Sessions: tests (with coverage), lint, typecheck. Each uses the running interpreter."""
+
+import nox
+
+nox.options.sessions = ["tests", "lint", "typecheck"]
+nox.options.error_on_external_run = True
+nox.options.reuse_existing_virtualenvs = True
+
+TEST_DEPS = ["pytest>=8", "pytest-asyncio>=0.24", "pytest-cov>=5", "trio>=0.25"]
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """Run the test suite against the installed package, with coverage (fail under 90%)."""
+    session.install(".", *TEST_DEPS)
+    session.run(
+        "pytest",
+        "--cov=aiobus",
+        "--cov-report=term-missing",
+        "--cov-fail-under=90",
+        *session.posargs,
+    )
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff check and ruff format --check."""
+    session.install("ruff")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+
+
+@nox.session
+def typecheck(session: nox.Session) -> None:
+    """mypy --strict on the package and its tests."""
+    session.install(".", "mypy", *TEST_DEPS)
+    session.run("mypy", "--strict", "aiobus", "tests")
