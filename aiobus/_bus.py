@@ -94,15 +94,22 @@ class Bus:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> bool | None:
-        """Run :meth:`exit` (shielded from cancellation), then end the bus's tasks."""
+        """Run :meth:`exit` (shielded from cancellation), then end the bus's tasks.
+
+        An error raised in the block propagates as itself, not wrapped in a group.
+        """
         assert self._task_group is not None
         try:
             with anyio.CancelScope(shield=True):
                 await self.exit()
                 await self._end_tasks()
         finally:
-            result = await self._task_group.__aexit__(exc_type, exc, tb)
-        return result
+            # The bus's tasks never raise (see _run_task), so the only error is the
+            # block's own: let it through unwrapped, but show anyio a cancellation.
+            if exc is not None and not isinstance(exc, anyio.get_cancelled_exc_class()):
+                exc_type, exc, tb = None, None, None
+            await self._task_group.__aexit__(exc_type, exc, tb)
+        return None
 
     def start_soon(self, fn: Callable[..., Awaitable[Any]], *args: Any, name: str | None = None) -> None:
         """Run ``fn(*args)`` as a task of the bus, for plugins.
@@ -274,7 +281,7 @@ class Bus:
         self._state_changed = anyio.Event()
         self.log(f"Bus {state.name}", state=state.name, previous=previous.name)
 
-    async def wait(self, *states: State, timeout: float | None = None) -> State:
+    async def wait(self, *states: State, timeout: float | None = None) -> State:  # noqa: ASYNC109
         """Wait until the state is one of ``states``, and return it.
 
         Returns at once if it already is. Cancelling the wait changes nothing.
@@ -352,7 +359,7 @@ class Bus:
                     await self._exit_locked()
                 raise
             self._set_state(State.STARTED)
-            if self._state is State.STARTED:
+            if self.state is State.STARTED:  # not if a forced exit came first
                 self._ticker = Ticker(self.main_interval, self._tick, self._count_skipped)
                 self.start_soon(self._ticker.run)
         finally:

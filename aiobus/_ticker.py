@@ -17,9 +17,7 @@ class Ticker:
     start and not from the previous tick.
     """
 
-    def __init__(
-        self, interval: float, tick: Callable[[], Awaitable[None]], skipped: Callable[[int], None]
-    ) -> None:
+    def __init__(self, interval: float, tick: Callable[[], Awaitable[None]], skipped: Callable[[int], None]) -> None:
         self.interval = interval
         self._skipped = skipped
         self.task_id: int | None = None

@@ -1,0 +1,51 @@
+"""Helpers shared by the tests (importable as ``helpers``: pytest puts tests/ on the path)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+
+from aiobus import Bus
+
+
+@dataclass
+class LogRecord:
+    msg: str
+    level: int
+    fields: dict[str, Any]
+
+
+@dataclass
+class LogRecorder:
+    """A ``log`` listener that keeps what it is sent."""
+
+    records: list[LogRecord] = field(default_factory=list)
+
+    def __call__(self, msg: str, level: int, **fields: Any) -> None:
+        self.records.append(LogRecord(msg, level, fields))
+
+    @property
+    def messages(self) -> list[str]:
+        return [record.msg for record in self.records]
+
+    def matching(self, text: str) -> list[LogRecord]:
+        return [record for record in self.records if text in record.msg]
+
+
+async def wait_for_ticks(bus: Bus, count: int, seconds: float = 10) -> None:
+    """Wait, on an event and not by polling, until ``bus`` has published ``count`` main ticks."""
+    reached = anyio.Event()
+
+    def check() -> None:
+        if bus.statistics().ticks >= count:
+            reached.set()
+
+    check()
+    bus.subscribe("main", check, priority=1000)
+    try:
+        with anyio.fail_after(seconds):
+            await reached.wait()
+    finally:
+        bus.unsubscribe("main", check)

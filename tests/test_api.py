@@ -1,0 +1,57 @@
+"""The public API: what ``aiobus`` exports."""
+
+from __future__ import annotations
+
+import aiobus
+import aiobus.plugins
+
+
+def test_all_lists_exactly_the_public_names() -> None:
+    """``__all__`` names every public name of the package, and each exists."""
+    public = {name for name in vars(aiobus) if not name.startswith("_") and name != "plugins"}
+    assert sorted(public) == sorted(aiobus.__all__)
+    for name in aiobus.__all__:
+        assert getattr(aiobus, name) is not None
+
+
+def test_contract_names_are_importable() -> None:
+    """The names the rest of the project relies on import from the top level."""
+    from aiobus import Bus, ChannelFailures, SimplePlugin, State
+
+    assert issubclass(ChannelFailures, ExceptionGroup)
+    assert all(isinstance(cls, type) for cls in (Bus, SimplePlugin))
+    assert [state.name for state in State] == ["STOPPED", "STARTING", "STARTED", "STOPPING", "EXITING"]
+
+
+def test_channel_failures_is_an_exception_group() -> None:
+    """ChannelFailures is an ExceptionGroup that names its channel and keeps the errors unwrapped."""
+    errors = [ValueError("a"), KeyError("b")]
+    failures = aiobus.ChannelFailures("start", errors)
+    assert isinstance(failures, ExceptionGroup)
+    assert failures.channel == "start"
+    assert list(failures.exceptions) == errors
+    assert "start" in str(failures)
+
+
+def test_channel_failures_split_keeps_the_channel() -> None:
+    """Splitting a ChannelFailures (as except* does) keeps its class and channel."""
+    failures = aiobus.ChannelFailures("stop", [ValueError("a"), KeyError("b")])
+    values, rest = failures.split(ValueError)
+    assert isinstance(values, aiobus.ChannelFailures) and values.channel == "stop"
+    assert isinstance(rest, aiobus.ChannelFailures) and rest.channel == "stop"
+    assert [type(e) for e in values.exceptions] == [ValueError]
+
+
+def test_channel_failures_pickles() -> None:
+    """A ChannelFailures survives pickling with its channel and errors."""
+    import pickle
+
+    failures = aiobus.ChannelFailures("exit", [ValueError("a")])
+    copy = pickle.loads(pickle.dumps(failures))
+    assert copy.channel == "exit"
+    assert [str(e) for e in copy.exceptions] == ["a"]
+
+
+def test_plugins_package_has_an_explicit_all() -> None:
+    """aiobus.plugins declares what it exports."""
+    assert isinstance(aiobus.plugins.__all__, list)
