@@ -15,7 +15,7 @@ def tests(session: nox.Session) -> None:
     session.install(".", *TEST_DEPS)
     session.run(
         "pytest",
-        "--cov=aiobus",
+        "--cov",
         "--cov-report=term-missing",
         "--cov-fail-under=90",
         *session.posargs,
