@@ -1,24 +1,25 @@
-"""The bus: states, transitions, publishing, the main ticker, and the tasks it owns."""
+"""The bus: states, transitions, publishing and the main ticker."""
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import sys
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from traceback import format_exception
 from types import MappingProxyType, TracebackType
 from typing import Any, TypeVar, overload
 
 import anyio
-from anyio.abc import TaskGroup
 
 from ._channels import BUILTIN_CHANNELS, ChannelFailures, Channels, is_async_callable, resolve_priority
 from ._logging import log_to_structlog
 from ._reexec import reexec
 from ._state import State, StateError
+from ._tasks import TaskKeeper
 from ._ticker import Ticker
 
 EX_SOFTWARE = 70
@@ -36,6 +37,13 @@ class BusStatistics:
     failures: Mapping[str, int]
 
 
+@dataclass(eq=False)
+class _Waiter:
+    states: frozenset[State]
+    event: anyio.Event = field(default_factory=anyio.Event)
+    reached: State | None = None
+
+
 class Bus:
     """An async process bus: a lifecycle published on channels that plugins subscribe to.
 
@@ -43,10 +51,17 @@ class Bus:
     every task of the bus and its plugins; leaving runs :meth:`exit` if it has not
     run and waits for those tasks, so that no task outlives the block.
 
+    Transitions (start, stop, graceful, exit) run one at a time. A listener that asks
+    for a transition of its own bus while one is running (say, a stop listener that
+    calls ``exit()``) has it queued: it runs once the current one is done, and the
+    call returns at once. That holds for calls made in the listener's own task (and
+    for a main listener while a stop waits for it), not from tasks it spawns.
+
     Args:
         main_interval: seconds between two ``main`` ticks while STARTED.
-        stop_timeout: if set, the deadline in seconds of the stop channel and, apart,
-            of the exit channel; listeners still running then are cancelled.
+        stop_timeout: if set, a deadline in seconds for each step of a shutdown (the
+            tick in progress, the stop channel, the exit channel); whatever still runs
+            at a deadline is cancelled and logged, and the shutdown goes on.
     """
 
     def __init__(self, *, main_interval: float = 0.1, stop_timeout: float | None = None) -> None:
@@ -59,33 +74,29 @@ class Bus:
         #: The code the process should end with: 0, or 70 (EX_SOFTWARE) after a failure.
         self.exit_code = 0
         self._state = State.STOPPED
-        self._state_changed = anyio.Event()
+        self._waiters: list[_Waiter] = []
         self._channels = Channels(BUILTIN_CHANNELS)
         self._publishes: Counter[str] = Counter()
         self._failures: Counter[str] = Counter()
         self._ticks = 0
         self._ticks_skipped = 0
         self._ticker: Ticker | None = None
+        self._tasks = TaskKeeper(self._task_failed)
         self._lock = anyio.Lock()
         self._lock_owner: int | None = None
+        self._interruptible: anyio.CancelScope | None = None
         self._exit_started = False
         self._exited = anyio.Event()
         self._shutdown_scope: anyio.CancelScope | None = None
         self._restart_requested = False
-        self._task_group: TaskGroup | None = None
-        self._task_scopes: set[anyio.CancelScope] = set()
-        self._tasks_ended = anyio.Event()
-        self._tasks_ended.set()
         self.subscribe("log", log_to_structlog)
 
-    # -- the task group ---------------------------------------------------------------
+    # -- the tasks it owns -------------------------------------------------------------
 
     async def __aenter__(self) -> Bus:
-        if self._task_group is not None or self._exit_started:
+        if self._tasks.entered or self._exit_started:
             raise RuntimeError("a Bus can be entered only once")
-        task_group = anyio.create_task_group()
-        await task_group.__aenter__()
-        self._task_group = task_group
+        await self._tasks.__aenter__()
         return self
 
     async def __aexit__(
@@ -93,23 +104,16 @@ class Bus:
         exc_type: type[BaseException] | None,
         exc: BaseException | None,
         tb: TracebackType | None,
-    ) -> bool | None:
+    ) -> None:
         """Run :meth:`exit` (shielded from cancellation), then end the bus's tasks.
 
         An error raised in the block propagates as itself, not wrapped in a group.
         """
-        assert self._task_group is not None
         try:
             with anyio.CancelScope(shield=True):
                 await self.exit()
-                await self._end_tasks()
         finally:
-            # The bus's tasks never raise (see _run_task), so the only error is the
-            # block's own: let it through unwrapped, but show anyio a cancellation.
-            if exc is not None and not isinstance(exc, anyio.get_cancelled_exc_class()):
-                exc_type, exc, tb = None, None, None
-            await self._task_group.__aexit__(exc_type, exc, tb)
-        return None
+            await self._tasks.__aexit__(exc_type, exc, tb)
 
     def start_soon(self, fn: Callable[..., Awaitable[Any]], *args: Any, name: str | None = None) -> None:
         """Run ``fn(*args)`` as a task of the bus, for plugins.
@@ -121,35 +125,13 @@ class Bus:
         Raises:
             RuntimeError: the bus was not entered with ``async with``.
         """
-        if self._task_group is None:
-            raise RuntimeError("the bus has no task group: use it as `async with Bus() as bus:`")
-        if self._tasks_ended.is_set():
-            self._tasks_ended = anyio.Event()
-        scope = anyio.CancelScope()
-        self._task_scopes.add(scope)
-        self._task_group.start_soon(self._run_task, scope, fn, args, name=name)
+        self._tasks.start_soon(fn, *args, name=name)
 
-    async def _run_task(self, scope: anyio.CancelScope, fn: Callable[..., Awaitable[Any]], args: Any) -> None:
-        try:
-            with scope:
-                await fn(*args)
-        except Exception:
-            name = getattr(fn, "__qualname__", repr(fn))
-            self.log(f"Task {name} of the bus failed; exiting", logging.ERROR, traceback=True, task=name)
-            self.exit_code = EX_SOFTWARE
-            if not self._exit_started:
-                self.start_soon(self.exit)
-        finally:
-            self._task_scopes.discard(scope)
-            if not self._task_scopes:
-                self._tasks_ended.set()
-
-    async def _end_tasks(self) -> None:
-        """Cancel the bus's tasks and wait until they have ended."""
-        while self._task_scopes:
-            for scope in list(self._task_scopes):
-                scope.cancel()
-            await self._tasks_ended.wait()
+    def _task_failed(self, name: str) -> None:
+        self.log(f"Task {name} of the bus failed; exiting", logging.ERROR, traceback=True, task=name)
+        self.exit_code = EX_SOFTWARE
+        if not self._exit_started:
+            self.start_soon(self.exit)
 
     # -- subscribing and publishing --------------------------------------------------
 
@@ -201,14 +183,15 @@ class Bus:
     async def publish(self, channel: str, *args: Any, **kwargs: Any) -> list[Any]:
         """Call the listeners of ``channel`` in order and return their results in that order.
 
-        Async listeners are awaited one after another. A listener raising an Exception
-        is logged and does not stop the others.
+        Async listeners (and sync ones that return an awaitable) are awaited one after
+        another, in the caller's task. A listener raising an Exception is logged with
+        its traceback and does not stop the others.
 
         Raises:
             ChannelFailures: after all listeners ran, if any raised.
 
-        Cancellation and KeyboardInterrupt or SystemExit from a listener propagate at
-        once; the listener that was interrupted is logged.
+        Cancellation, KeyboardInterrupt and SystemExit propagate at once; a cancelled
+        listener is logged.
         """
         listeners = self._channels.get(channel)
         if listeners is None:
@@ -219,7 +202,7 @@ class Bus:
         for listener in listeners:
             try:
                 result = listener.callback(*args, **kwargs)
-                if listener.is_async:
+                if listener.is_async or inspect.isawaitable(result):
                     result = await result
             except Exception as exc:
                 failures.append(exc)
@@ -259,7 +242,11 @@ class Bus:
         self._publishes["log"] += 1
         for listener in self._channels.get("log") or ():
             try:
-                listener.callback(msg, level, **fields)
+                result = listener.callback(msg, level, **fields)
+                if inspect.isawaitable(result):
+                    if inspect.iscoroutine(result):
+                        result.close()
+                    raise TypeError("a log listener returned an awaitable: log listeners must be sync")
             except Exception as exc:
                 self._failures["log"] += 1
                 sys.stderr.write(
@@ -277,25 +264,35 @@ class Bus:
         if self._state is State.EXITING:
             return  # final: a start that outlived a forced exit does not undo it
         previous, self._state = self._state, state
-        self._state_changed.set()
-        self._state_changed = anyio.Event()
+        for waiter in self._waiters:
+            if state in waiter.states and waiter.reached is None:
+                waiter.reached = state
+                waiter.event.set()
         self.log(f"Bus {state.name}", state=state.name, previous=previous.name)
 
     async def wait(self, *states: State, timeout: float | None = None) -> State:  # noqa: ASYNC109
-        """Wait until the state is one of ``states``, and return it.
+        """Wait until the state is one of ``states``, and return the state reached.
 
-        Returns at once if it already is. Cancelling the wait changes nothing.
+        Returns at once if it already is. Every state change is seen, even one that
+        passes without a checkpoint. Cancelling the wait changes nothing on the bus.
 
         Raises:
-            TimeoutError: the state was not reached within ``timeout`` seconds.
+            TimeoutError: none of the states was reached within ``timeout`` seconds.
             ValueError: no state was given.
         """
         if not states:
             raise ValueError("wait() needs at least one state")
-        with anyio.fail_after(timeout):
-            while self._state not in states:
-                await self._state_changed.wait()
-        return self._state
+        if self._state in states:
+            return self._state
+        waiter = _Waiter(frozenset(states))
+        self._waiters.append(waiter)
+        try:
+            with anyio.fail_after(timeout):
+                await waiter.event.wait()
+        finally:
+            self._waiters.remove(waiter)
+        assert waiter.reached is not None
+        return waiter.reached
 
     def statistics(self) -> BusStatistics:
         """The bus's counters: state, main ticks published and skipped, publishes and failures per channel."""
@@ -309,9 +306,28 @@ class Bus:
 
     # -- transitions ------------------------------------------------------------------
 
-    def _reentrant(self) -> bool:
-        """Whether the calling task is the one running a transition (a listener calling back)."""
-        return self._lock_owner is not None and self._lock_owner == anyio.get_current_task().id
+    def _must_not_wait(self) -> bool:
+        """Whether waiting for the transition in progress would deadlock the caller.
+
+        True for a listener of that transition (it runs in the task holding the lock)
+        and for a main listener while a stop waits for the tick in progress.
+        """
+        if self._lock_owner is None:
+            return False
+        me = anyio.get_current_task().id
+        ticker = self._ticker
+        return me == self._lock_owner or (ticker is not None and ticker.running and me == ticker.task_id)
+
+    def _queue(self, transition: Callable[[], Awaitable[None]]) -> None:
+        """Run a transition that a listener asked for once the current one is done."""
+
+        async def queued() -> None:
+            try:
+                await transition()
+            except StateError as error:  # e.g. an exit listener asking to start
+                self.log(f"Queued {error.action} dropped: {error}", logging.WARNING)
+
+        self.start_soon(queued, name=f"queued {transition.__name__}")
 
     async def _acquire(self) -> None:
         await self._lock.acquire()
@@ -326,21 +342,22 @@ class Bus:
 
         On a started bus it does nothing. If a start listener fails, the failure is
         logged, the bus runs stop and exit so that plugins clean up (``exit_code``
-        70), ends EXITING, and the failure is raised. A listener calling ``start`` of
-        its own bus has the call queued until the current transition is done.
+        70), ends EXITING, and the failure is raised. If :meth:`exit` is called while
+        the start listeners run, the one running is cancelled and start returns,
+        leaving the shutdown to exit.
 
         Cancelled during a start listener, the bus stays STARTING; :meth:`exit` (or
-        leaving ``async with``) still cleans up.
+        leaving ``async with``) still runs the stop and exit listeners.
 
         Raises:
             ChannelFailures: a start listener failed.
-            StateError: the bus is not STOPPED or STARTED.
+            StateError: the bus is neither STOPPED nor STARTED.
             RuntimeError: the bus was not entered with ``async with``.
         """
-        if self._task_group is None:
+        if not self._tasks.entered:
             raise RuntimeError("start() needs the bus's task group: use it as `async with Bus() as bus:`")
-        if self._reentrant():
-            self.start_soon(self.start)
+        if self._must_not_wait():
+            self._queue(self.start)
             return
         await self._acquire()
         try:
@@ -350,7 +367,7 @@ class Bus:
                 raise StateError("start", self._state)
             self._set_state(State.STARTING)
             try:
-                await self.publish("start")
+                interrupted = await self._publish_interruptible("start")
             except ChannelFailures:
                 self.log("Start failed: stopping and exiting", logging.ERROR)
                 self.exit_code = EX_SOFTWARE
@@ -358,46 +375,53 @@ class Bus:
                 with anyio.CancelScope(shield=True) as self._shutdown_scope:
                     await self._exit_locked()
                 raise
+            if interrupted:
+                self.log("Start interrupted: the bus is exiting", logging.WARNING)
+                return
             self._set_state(State.STARTED)
             if self.state is State.STARTED:  # not if a forced exit came first
                 self._ticker = Ticker(self.main_interval, self._tick, self._count_skipped)
-                self.start_soon(self._ticker.run)
+                self.start_soon(self._ticker.run, name="aiobus main ticker")
         finally:
             self._release()
 
     async def stop(self) -> None:
         """STOPPING, end the main ticker, publish ``stop``, STOPPED.
 
-        On a stopped (or exiting) bus it does nothing. A failing stop listener is
-        logged and sets ``exit_code`` to 70; the bus still reaches STOPPED. The tick in
-        progress, if any, finishes first (unless ``stop`` was called from it). With
-        ``stop_timeout``, whatever still runs at the deadline is cancelled and logged.
-        A listener calling ``stop`` of its own bus has the call queued.
+        On a stopped (or exiting) bus it does nothing. The tick in progress, if any,
+        finishes first (unless ``stop`` was called from it). A failing stop listener is
+        logged and sets ``exit_code`` to 70; the bus still reaches STOPPED. The stop is
+        shielded from the caller's cancellation; with ``stop_timeout``, whatever still
+        runs at the deadline is cancelled and logged.
         """
-        if self._reentrant():
-            self.start_soon(self.stop)
+        if self._must_not_wait():
+            self._queue(self.stop)
             return
-        await self._acquire()
-        try:
-            await self._stop_locked()
-        finally:
-            self._release()
+        with anyio.CancelScope(shield=True):
+            await self._acquire()
+            try:
+                await self._stop_locked()
+            finally:
+                self._release()
 
     async def graceful(self) -> None:
         """Publish ``graceful`` (plugins reload); the state does not change.
+
+        An :meth:`exit` called meanwhile cancels the graceful listener running.
 
         Raises:
             ChannelFailures: a graceful listener failed (after all of them ran).
             StateError: the bus is EXITING.
         """
-        if self._reentrant():
-            self.start_soon(self.graceful)
+        if self._must_not_wait():
+            self._queue(self.graceful)
             return
         await self._acquire()
         try:
             if self._state is State.EXITING:
                 raise StateError("graceful", self._state)
-            await self.publish("graceful")
+            if await self._publish_interruptible("graceful"):
+                self.log("Graceful interrupted: the bus is exiting", logging.WARNING)
         finally:
             self._release()
 
@@ -405,22 +429,22 @@ class Bus:
         """Stop if not stopped, then EXITING and publish ``exit``. Runs once.
 
         A second or concurrent call waits for the first and publishes nothing again;
-        an exit listener calling it returns at once. It never raises a listener's
-        error: failures are logged and set ``exit_code`` to 70. The shutdown is
-        shielded from the caller's cancellation; only :meth:`force_exit` cuts it short,
-        and ``stop_timeout`` bounds the stop and exit channels each.
+        an exit listener calling it returns at once. A start or graceful in progress
+        is cancelled to make way. It never raises a listener's error: failures are
+        logged and set ``exit_code`` to 70. The shutdown is shielded from the caller's
+        cancellation; only :meth:`force_exit` cuts it short, and ``stop_timeout``
+        bounds each of its steps.
         """
         if self._exit_started:
-            if not self._reentrant():
+            if not self._must_not_wait():
                 await self._exited.wait()
             return
-        self._exit_started = True
-        if self._reentrant():  # a start, stop or graceful listener asked to exit
-            self.start_soon(self._exit_after_transition)
+        if self._must_not_wait():
+            self._queue(self.exit)
             return
-        await self._exit_after_transition()
-
-    async def _exit_after_transition(self) -> None:
+        self._exit_started = True
+        if self._interruptible is not None:
+            self._interruptible.cancel()
         with anyio.CancelScope(shield=True) as self._shutdown_scope:
             await self._acquire()
             try:
@@ -430,6 +454,8 @@ class Bus:
         self._finish_exit()
 
     async def _exit_locked(self) -> None:
+        if self._exited.is_set():
+            return
         try:
             await self._stop_locked()
             self._set_state(State.EXITING)
@@ -438,20 +464,22 @@ class Bus:
             self._finish_exit()
 
     def _finish_exit(self) -> None:
-        if self._state is not State.EXITING:  # forced: the shutdown was cut short
-            self._set_state(State.EXITING)
+        self._set_state(State.EXITING)  # already so, unless the shutdown was cut short
         self._exited.set()
 
     def force_exit(self, exit_code: int) -> None:
         """Cut short a shutdown in progress: what remains of stop and exit is cancelled.
 
-        The bus ends EXITING at once with ``exit_code``. Meant for a second Ctrl-C.
+        The bus ends EXITING at once, with ``exit_code``. Meant for a second Ctrl-C.
         """
         self.exit_code = exit_code
         self.log("Shutdown forced", logging.WARNING, exit_code=exit_code)
-        if self._shutdown_scope is not None:
-            self._shutdown_scope.cancel()
-        elif not self._exit_started:
+        for scope in (self._shutdown_scope, self._interruptible):
+            if scope is not None:
+                scope.cancel()
+        if self._ticker is not None:
+            self._ticker.cancel()
+        if not self._exit_started:
             self._exit_started = True
             self._finish_exit()
 
@@ -468,49 +496,69 @@ class Bus:
         nothing on the bus.
         """
         await self._exited.wait()
-        await self._end_tasks()
+        await self._tasks.end_all()
         if self._restart_requested:
             self.log("Re-executing the process", argv=sys.orig_argv)
             reexec()
 
+    # -- shutdown steps (the lock is held) --------------------------------------------
+
+    @property
+    def _step_timeout(self) -> float:
+        return math.inf if self.stop_timeout is None else self.stop_timeout
+
+    async def _publish_interruptible(self, channel: str) -> bool:
+        """Publish a channel that an exit may cut short; True if it was."""
+        scope = anyio.CancelScope()
+        self._interruptible = scope
+        try:
+            with scope:
+                await self.publish(channel)
+        finally:
+            self._interruptible = None
+        return scope.cancelled_caught
+
     async def _stop_locked(self) -> None:
-        if self._state not in (State.STARTING, State.STARTED):
+        if self._state not in (State.STARTING, State.STARTED, State.STOPPING):
             return
-        self._set_state(State.STOPPING)
-        await self._publish_bounded("stop", before=self._halt_ticker)
+        if self._state is not State.STOPPING:
+            self._set_state(State.STOPPING)
+        await self._halt_ticker()
+        await self._publish_bounded("stop")
         self._set_state(State.STOPPED)
 
     async def _halt_ticker(self) -> None:
-        ticker, self._ticker = self._ticker, None
+        ticker = self._ticker
         if ticker is None:
             return
         ticker.stop()
         if ticker.task_id == anyio.get_current_task().id:
             return  # stop was called from a main listener: the ticker ends after it
-        try:
+        with anyio.move_on_after(self._step_timeout) as scope:
             await ticker.wait_done()
-        except anyio.get_cancelled_exc_class():
+        if scope.cancelled_caught:
+            self.exit_code = EX_SOFTWARE
+            self.log("The main tick in progress was cut off at the stop deadline", logging.ERROR)
             ticker.cancel()
-            raise
+            await ticker.wait_done()
 
-    async def _publish_bounded(self, channel: str, before: Callable[[], Awaitable[None]] | None = None) -> None:
+    async def _publish_bounded(self, channel: str) -> None:
         """Publish a shutdown channel within ``stop_timeout``; failures set exit_code, never raise."""
-        timeout = math.inf if self.stop_timeout is None else self.stop_timeout
-        with anyio.move_on_after(timeout) as scope:
+        with anyio.move_on_after(self._step_timeout) as scope:
             try:
-                if before is not None:
-                    await before()
                 await self.publish(channel)
             except ChannelFailures:
                 self.exit_code = EX_SOFTWARE
         if scope.cancelled_caught:
             self.exit_code = EX_SOFTWARE
             self.log(
-                f"Channel {channel!r} cut off at its {timeout:g} s deadline",
+                f"Channel {channel!r} cut off at its {self._step_timeout:g} s deadline",
                 logging.ERROR,
                 channel=channel,
-                timeout=timeout,
+                timeout=self._step_timeout,
             )
+
+    # -- the main ticker --------------------------------------------------------------
 
     def _count_skipped(self, count: int) -> None:
         self._ticks_skipped += count

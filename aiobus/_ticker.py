@@ -51,6 +51,11 @@ class Ticker:
                 self._skipped(following - due - 1)
             due = following
 
+    @property
+    def running(self) -> bool:
+        """Whether the ticker's task has started and not yet ended."""
+        return self.task_id is not None and not self._done.is_set()
+
     def stop(self) -> None:
         """Ask the ticker to end after the tick in progress, if any."""
         self._stopping.set()

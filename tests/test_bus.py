@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
 from helpers import LogRecorder, wait_for_ticks
 
@@ -494,3 +496,198 @@ def test_log_levels_are_standard_numbers() -> None:
     bus.subscribe("log", lambda msg, level, **fields: seen.append(level))
     bus.log("hello")
     assert seen == [logging.INFO]
+
+
+class TestRaces:
+    """Transitions that meet: each case once hung or published twice."""
+
+    @pytest.mark.parametrize("call", ["exit", "stop", "graceful"])
+    async def test_main_listener_calling_the_bus_while_another_task_exits(self, call: str) -> None:
+        """A main tick that calls a transition while an exit waits for that tick does not deadlock."""
+        in_tick = anyio.Event()
+        calls: list[str] = []
+        async with Bus(main_interval=0.01) as bus:
+
+            @bus.subscribe("main")
+            async def health_check() -> None:
+                if not in_tick.is_set():
+                    in_tick.set()
+                    await anyio.sleep(0.05)  # the exit below starts meanwhile
+                    await getattr(bus, call)()
+
+            bus.subscribe("exit", lambda: calls.append("exit"))
+            await bus.start()
+            await in_tick.wait()
+            with anyio.fail_after(10):
+                await bus.exit()
+                await bus.block()
+        assert calls == ["exit"]
+
+    async def test_slow_tick_at_the_stop_deadline_still_lets_stop_listeners_run(self) -> None:
+        """With stop_timeout, a main tick that outlasts it is cut off and the stop listeners still run."""
+        in_tick = anyio.Event()
+        calls: list[str] = []
+        async with Bus(main_interval=0.01, stop_timeout=0.1) as bus:
+
+            @bus.subscribe("main")
+            async def slow_tick() -> None:
+                in_tick.set()
+                await anyio.sleep(30)
+
+            bus.subscribe("stop", lambda: calls.append("stop"))
+            bus.subscribe("exit", lambda: calls.append("exit"))
+            await bus.start()
+            await in_tick.wait()
+            with anyio.fail_after(10):
+                await bus.exit()
+            assert bus.exit_code == 70
+        assert calls == ["stop", "exit"]
+
+    async def test_start_listener_asking_to_exit_then_another_failing_exits_once(self) -> None:
+        """A start listener that calls exit() and a failing one after it give a single exit."""
+        calls: list[str] = []
+        async with Bus() as bus:
+
+            @bus.subscribe("start", priority=1)
+            async def wants_out() -> None:
+                await bus.exit()
+
+            @bus.subscribe("start", priority=2)
+            def broken() -> None:
+                raise RuntimeError("boom")
+
+            bus.subscribe("exit", lambda: calls.append("exit"))
+            with pytest.raises(ChannelFailures):
+                await bus.start()
+            with anyio.fail_after(10):
+                await bus.block()
+        assert calls == ["exit"]
+
+    async def test_exit_during_a_failing_start_exits_once(self) -> None:
+        """An exit() from another task, waiting while a start fails, publishes exit once."""
+        calls: list[str] = []
+        entered = anyio.Event()
+
+        async def failing_start() -> None:
+            entered.set()
+            with anyio.CancelScope(shield=True):  # the exit cannot cut this one short
+                await anyio.sleep(0.05)
+            raise RuntimeError("boom")
+
+        async def start_quietly(bus: Bus) -> None:
+            with pytest.raises(ChannelFailures):
+                await bus.start()
+
+        async with Bus() as bus:
+            bus.subscribe("start", failing_start)
+            bus.subscribe("exit", lambda: calls.append("exit"))
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(start_quietly, bus)
+                await entered.wait()
+                tg.start_soon(bus.exit)
+        assert calls == ["exit"]
+
+    async def test_exit_cancels_a_hung_start(self) -> None:
+        """exit() while a start listener hangs cancels it and shuts down: stop and exit listeners run."""
+        calls: list[str] = []
+        entered = anyio.Event()
+
+        async def hung_start() -> None:
+            entered.set()
+            await anyio.sleep_forever()
+
+        async with Bus() as bus:
+            bus.subscribe("start", hung_start)
+            bus.subscribe("stop", lambda: calls.append("stop"))
+            bus.subscribe("exit", lambda: calls.append("exit"))
+            bus.start_soon(bus.start)
+            await entered.wait()
+            with anyio.fail_after(10):
+                await bus.exit()
+            assert bus.state is State.EXITING
+        assert calls == ["stop", "exit"]
+
+    async def test_exit_cancels_a_hung_graceful(self) -> None:
+        """exit() while a graceful listener hangs cancels it and shuts down."""
+        entered = anyio.Event()
+
+        async def hung_reload() -> None:
+            entered.set()
+            await anyio.sleep_forever()
+
+        async with Bus() as bus:
+            bus.subscribe("graceful", hung_reload)
+            await bus.start()
+            bus.start_soon(bus.graceful)
+            await entered.wait()
+            with anyio.fail_after(10):
+                await bus.exit()
+            assert bus.state is State.EXITING
+
+    async def test_a_cancelled_stop_still_completes(self) -> None:
+        """stop() is shielded: cancelling its caller does not leave the bus STOPPING."""
+        calls: list[str] = []
+
+        async def slow_stop() -> None:
+            await anyio.sleep(0.1)
+            calls.append("stop")
+
+        async with Bus() as bus:
+            bus.subscribe("stop", slow_stop)
+            await bus.start()
+            with anyio.move_on_after(0.01):
+                await bus.stop()
+            assert bus.state is State.STOPPED
+            assert calls == ["stop"]
+
+    async def test_exit_listener_asking_to_start_is_not_a_failure(self, log_recorder: LogRecorder) -> None:
+        """A queued start that the exit made impossible is dropped with a warning, exit code 0."""
+        async with Bus() as bus:
+            bus.subscribe("log", log_recorder)
+
+            @bus.subscribe("exit")
+            async def restart_it() -> None:
+                await bus.start()
+
+            await bus.start()
+            await bus.exit()
+            await bus.block()
+        assert bus.exit_code == 0
+        assert log_recorder.matching("Queued start dropped")
+
+    async def test_force_exit_stops_the_main_ticker(self) -> None:
+        """After force_exit on a started bus no main tick is published."""
+        async with Bus(main_interval=0.01) as bus:
+            await bus.start()
+            await wait_for_ticks(bus, 2)
+            bus.force_exit(130)
+            ticks = bus.statistics().ticks
+            await anyio.sleep(0.05)
+            assert bus.statistics().ticks == ticks
+            assert bus.state is State.EXITING
+
+    async def test_wait_sees_a_state_that_passes_without_a_checkpoint(self) -> None:
+        """wait(STARTING) returns even when the start listeners are all sync."""
+        async with Bus() as bus:
+            bus.subscribe("start", lambda: None)
+            async with anyio.create_task_group() as tg:
+
+                async def waiter() -> None:
+                    assert await bus.wait(State.STARTING, timeout=5) is State.STARTING
+
+                tg.start_soon(waiter)
+                await anyio.lowlevel.checkpoint()
+                await bus.start()
+
+    async def test_sync_listener_returning_a_coroutine_is_awaited(self) -> None:
+        """A sync wrapper that returns a coroutine has that coroutine awaited."""
+        bus = Bus()
+
+        async def body() -> int:
+            return 1
+
+        def wrapper() -> Any:
+            return body()
+
+        bus.subscribe("x", wrapper)
+        assert await bus.publish("x") == [1]
