@@ -35,7 +35,7 @@ def close_inherited_fds() -> None:
                 pass
 
 
-def reexec() -> None:  # pragma: no cover - replaces the process; tested by a real re-exec
+def reexec() -> None:
     """Replace the process with a fresh run of the same program. Does not return."""
     sys.stdout.flush()
     sys.stderr.flush()
