@@ -12,7 +12,7 @@ TEST_DEPS = ["pytest>=8", "pytest-asyncio>=0.24", "pytest-cov>=5", "trio>=0.25"]
 @nox.session
 def tests(session: nox.Session) -> None:
     """Run the test suite against the installed package, with coverage (fail under 90%)."""
-    session.install(".", *TEST_DEPS)
+    session.install(".[reload]", *TEST_DEPS)
     session.run(
         "pytest",
         "--cov",
@@ -33,5 +33,5 @@ def lint(session: nox.Session) -> None:
 @nox.session
 def typecheck(session: nox.Session) -> None:
     """mypy --strict on the package and its tests."""
-    session.install(".", "mypy", *TEST_DEPS)
+    session.install(".[reload]", "mypy", *TEST_DEPS)
     session.run("mypy", "--strict", "aiobus", "tests")

@@ -1,12 +1,14 @@
-"""Shared fixtures: a recorder for the log channel, and a check that no asyncio task leaks."""
+"""Shared fixtures: a log recorder, a check that no asyncio task leaks, real child processes."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
 from helpers import LogRecorder
+from processes import Spawner
 
 
 @pytest.fixture
@@ -22,3 +24,12 @@ async def no_task_leak() -> AsyncIterator[None]:
     await asyncio.sleep(0)
     leaked = asyncio.all_tasks() - before - {asyncio.current_task()}
     assert not leaked, f"tasks left running: {leaked}"
+
+
+@pytest.fixture
+def spawn(tmp_path: Path) -> Iterator[Spawner]:
+    """Start real child processes; fail the test if any of them is still running at its end."""
+    spawner = Spawner(tmp_path)
+    yield spawner
+    left = spawner.close()
+    assert not left, f"the test left processes running: {left}"

@@ -1,0 +1,151 @@
+"""Real child processes for the tests: start a Python script, read its output as it comes,
+send it real signals, and check that nothing of it is left running."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+
+class Child:
+    """A Python process in a session of its own, its stdout and stderr read line by line."""
+
+    def __init__(self, argv: list[str], cwd: Path, env: dict[str, str] | None = None, **popen: Any) -> None:
+        full_env = dict(os.environ)
+        full_env["PYTHONUNBUFFERED"] = "1"
+        full_env.update(env or {})
+        self.proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            cwd=cwd,
+            env=full_env,
+            start_new_session=True,
+            text=True,
+            errors="replace",
+            **popen,
+        )
+        self.pid = self.proc.pid
+        self.lines: list[str] = []
+        self._changed = threading.Condition()
+        self._eof = False
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            with self._changed:
+                self.lines.append(line.rstrip("\n"))
+                self._changed.notify_all()
+        with self._changed:
+            self._eof = True
+            self._changed.notify_all()
+
+    @property
+    def output(self) -> str:
+        with self._changed:
+            return "\n".join(self.lines)
+
+    def wait_for(self, text: str, timeout: float = 30) -> str:
+        """Wait until a line containing ``text`` has been printed, and return it."""
+        deadline = time.monotonic() + timeout
+        seen = 0
+        with self._changed:
+            while True:
+                for line in self.lines[seen:]:
+                    if text in line:
+                        return line
+                seen = len(self.lines)
+                if self._eof:
+                    raise AssertionError(f"the child ended without printing {text!r}:\n{self.output_locked()}")
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise AssertionError(f"no {text!r} within {timeout} s:\n{self.output_locked()}")
+                self._changed.wait(remaining)
+
+    def output_locked(self) -> str:
+        return "\n".join(self.lines)
+
+    def events(self) -> list[dict[str, Any]]:
+        """The JSON log lines printed so far, parsed."""
+        found = []
+        for line in self.lines:
+            if line.startswith("{"):
+                try:
+                    found.append(json.loads(line))
+                except ValueError:
+                    pass
+        return found
+
+    def send(self, sig: int) -> None:
+        os.kill(self.pid, sig)
+
+    def wait(self, timeout: float = 30) -> int:
+        """Wait for the process to end and its output to be read; return its exit code."""
+        code = self.proc.wait(timeout)
+        self._reader.join(timeout)
+        return code
+
+    def session_processes(self) -> list[int]:
+        """Processes still alive in the child's session (the child and anything it started)."""
+        result = subprocess.run(["pgrep", "-s", str(self.pid)], capture_output=True, text=True)
+        return [int(pid) for pid in result.stdout.split()]
+
+    def assert_nothing_left(self, timeout: float = 10) -> None:
+        """Fail unless the child and every process of its session have ended."""
+        deadline = time.monotonic() + timeout
+        while (left := self.session_processes()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not left, f"processes left behind: {left}"
+
+    def kill(self) -> None:
+        """Kill the child's whole session (cleanup)."""
+        for pid in self.session_processes():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        self._reader.join(5)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+
+class Spawner:
+    """Starts Python scripts as children and makes sure none outlives the test."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.children: list[Child] = []
+
+    def script(
+        self, code: str, *args: str, env: dict[str, str] | None = None, name: str = "service.py", **popen: Any
+    ) -> Child:
+        """Write ``code`` to a file and run it with this interpreter (extra Popen arguments pass through)."""
+        path = self.directory / name
+        path.write_text(code)
+        return self.run([sys.executable, str(path), *args], env=env, **popen)
+
+    def run(self, argv: list[str], env: dict[str, str] | None = None, **popen: Any) -> Child:
+        child = Child(argv, self.directory, env, **popen)
+        self.children.append(child)
+        return child
+
+    def close(self) -> list[int]:
+        """Kill whatever is still running; return the pids that were."""
+        left = []
+        for child in self.children:
+            left += child.session_processes()
+            child.kill()
+        return left
