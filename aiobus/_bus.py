@@ -483,6 +483,11 @@ class Bus:
             self._exit_started = True
             self._finish_exit()
 
+    @property
+    def restart_requested(self) -> bool:
+        """Whether :meth:`restart` was called: :meth:`block` will re-execute the process."""
+        return self._restart_requested
+
     async def restart(self) -> None:
         """Exit, and have :meth:`block` re-execute the process once the bus's tasks have ended."""
         self._restart_requested = True

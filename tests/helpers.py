@@ -23,8 +23,25 @@ class LogRecorder:
 
     records: list[LogRecord] = field(default_factory=list)
 
+    waiters: list[tuple[str, anyio.Event]] = field(default_factory=list)
+
     def __call__(self, msg: str, level: int, **fields: Any) -> None:
         self.records.append(LogRecord(msg, level, fields))
+        for text, event in self.waiters:
+            if text in msg:
+                event.set()
+
+    async def wait_for(self, text: str, seconds: float = 10) -> None:
+        """Wait until a message containing ``text`` has been logged."""
+        if self.matching(text):
+            return
+        waiter = (text, anyio.Event())
+        self.waiters.append(waiter)
+        try:
+            with anyio.fail_after(seconds):
+                await waiter[1].wait()
+        finally:
+            self.waiters.remove(waiter)
 
     @property
     def messages(self) -> list[str]:

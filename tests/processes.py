@@ -55,18 +55,22 @@ class Child:
         with self._changed:
             return "\n".join(self.lines)
 
-    def wait_for(self, text: str, timeout: float = 30) -> str:
-        """Wait until a line containing ``text`` has been printed, and return it."""
+    def wait_for(self, text: str, timeout: float = 30, count: int = 1) -> str:
+        """Wait until ``count`` lines containing ``text`` have been printed, and return the last."""
         deadline = time.monotonic() + timeout
         seen = 0
+        found = 0
         with self._changed:
             while True:
                 for line in self.lines[seen:]:
                     if text in line:
-                        return line
+                        found += 1
+                        if found == count:
+                            return line
                 seen = len(self.lines)
                 if self._eof:
-                    raise AssertionError(f"the child ended without printing {text!r}:\n{self.output_locked()}")
+                    output = self.output_locked()
+                    raise AssertionError(f"the child ended without printing {text!r} {count} time(s):\n{output}")
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise AssertionError(f"no {text!r} within {timeout} s:\n{self.output_locked()}")

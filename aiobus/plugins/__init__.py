@@ -1,3 +1,9 @@
-"""Plugins for a :class:`aiobus.Bus`: one module each, built on the core's public API."""
+"""Plugins for a :class:`aiobus.Bus`, one module each, built on the core's public API only.
 
-__all__: list[str] = []
+Each is used as in CherryPy: construct it with the bus, then ``plugin.subscribe()``
+(and ``plugin.unsubscribe()`` to detach it).
+"""
+
+from .signals import SignalHandler as SignalHandler
+
+__all__ = ["SignalHandler"]
