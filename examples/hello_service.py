@@ -1,4 +1,4 @@
-"""A small service on an aiobus Bus: it starts, logs a main tick now and then, and exits
+"""A small service on an aiobus Bus: it starts, logs every tenth main tick, and exits
 cleanly on Ctrl-C or SIGTERM (or by itself after --duration seconds).
 
     python examples/hello_service.py [--duration SECONDS] [--interval SECONDS]
@@ -7,27 +7,19 @@ cleanly on Ctrl-C or SIGTERM (or by itself after --duration seconds).
 from __future__ import annotations
 
 import argparse
-import signal
 
 import anyio
 import structlog
 
 from aiobus import Bus, configure_logging
+from aiobus.plugins import SignalHandler
 
 log = structlog.get_logger("hello")
 
 
-async def stop_on_signals(bus: Bus) -> None:
-    """Exit the bus on SIGINT or SIGTERM."""
-    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async for signum in signals:
-            log.info("Signal received: exiting", signal=signal.Signals(signum).name)
-            await bus.exit()
-            return
-
-
 async def main(duration: float | None, interval: float) -> int:
     async with Bus(main_interval=interval) as bus:
+        SignalHandler(bus).subscribe()  # SIGTERM and Ctrl-C exit; a second Ctrl-C forces
 
         @bus.subscribe("main")
         def tick() -> None:
@@ -39,14 +31,10 @@ async def main(duration: float | None, interval: float) -> int:
         def goodbye() -> None:
             log.info("Goodbye", ticks=bus.statistics().ticks)
 
-        bus.start_soon(stop_on_signals, bus)
         await bus.start()
-        if duration is None:
+        with anyio.move_on_after(duration if duration is not None else float("inf")):
             await bus.block()
-        else:
-            with anyio.move_on_after(duration):
-                await bus.block()
-    return bus.exit_code
+    return bus.exit_code  # leaving the block ran exit() if nothing else did
 
 
 if __name__ == "__main__":

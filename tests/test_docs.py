@@ -1,0 +1,49 @@
+"""The README's example and the examples/ scripts run as documented."""
+
+from __future__ import annotations
+
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+from processes import Spawner
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def readme_example() -> str:
+    """The Python block under the README's "A short example" heading."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## A short example", 1)[1]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_readme_example_logs_start_ticks_and_a_clean_exit(spawn: Spawner) -> None:
+    """Copied as it is, the README example starts, ticks, exits cleanly and ends with code 0."""
+    child = spawn.script(readme_example())
+    assert child.wait(timeout=60) == 0, child.output
+    events = [event["event"] for event in child.events()]
+    assert events[:2] == ["Bus STARTING", "Bus STARTED"]
+    assert "tick" in events
+    assert events[-3:] == ["Bus STOPPING", "Bus STOPPED", "Bus EXITING"]
+    child.assert_nothing_left()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="POSIX signals")
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_hello_service_stops_cleanly_on_a_signal(spawn: Spawner, sig: int) -> None:
+    """examples/hello_service.py exits with code 0 on Ctrl-C or SIGTERM."""
+    child = spawn.run([sys.executable, str(ROOT / "examples" / "hello_service.py"), "--interval", "0.01"])
+    child.wait_for("Main tick")
+    child.send(sig)
+    assert child.wait() == 0, child.output
+    assert "Goodbye" in child.output
+    child.assert_nothing_left()
+
+
+def test_hello_service_stops_by_itself_after_its_duration(spawn: Spawner) -> None:
+    """--duration ends the service with code 0."""
+    child = spawn.run([sys.executable, str(ROOT / "examples" / "hello_service.py"), "--duration", "0.3"])
+    assert child.wait() == 0, child.output
+    assert "Bus EXITING" in child.output
