@@ -4,6 +4,9 @@ Each is used as in CherryPy: construct it with the bus, then ``plugin.subscribe(
 (and ``plugin.unsubscribe()`` to detach it).
 """
 
+from .pidfile import PIDFile as PIDFile
+from .pidfile import PIDFileLockedError as PIDFileLockedError
+from .privileges import DropPrivileges as DropPrivileges
 from .signals import SignalHandler as SignalHandler
 
-__all__ = ["SignalHandler"]
+__all__ = ["DropPrivileges", "PIDFile", "PIDFileLockedError", "SignalHandler"]
