@@ -47,3 +47,19 @@ def test_hello_service_stops_by_itself_after_its_duration(spawn: Spawner) -> Non
     child = spawn.run([sys.executable, str(ROOT / "examples" / "hello_service.py"), "--duration", "0.3"])
     assert child.wait() == 0, child.output
     assert "Bus EXITING" in child.output
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="POSIX signals")
+def test_pid_service_stops_on_sigterm_with_code_0_and_its_pid_file_gone(spawn: Spawner, tmp_path: Path) -> None:
+    """examples/pid_service.py writes its PID file, and SIGTERM ends it with code 0 and the file removed."""
+    pidfile = tmp_path / "service.pid"
+    child = spawn.run([sys.executable, str(ROOT / "examples" / "pid_service.py"), "--pidfile", str(pidfile)])
+    child.wait_for("Service running")
+    assert pidfile.read_text() == f"{child.pid}\n"
+    second = spawn.run([sys.executable, str(ROOT / "examples" / "pid_service.py"), "--pidfile", str(pidfile)])
+    assert second.wait() != 0
+    assert f"locked by process {child.pid}" in second.output
+    child.send(signal.SIGTERM)
+    assert child.wait() == 0, child.output
+    assert not pidfile.exists()
+    child.assert_nothing_left()
