@@ -4,9 +4,20 @@ Each is used as in CherryPy: construct it with the bus, then ``plugin.subscribe(
 (and ``plugin.unsubscribe()`` to detach it).
 """
 
+from .autoreload import Autoreloader as Autoreloader
+from .monitor import Monitor as Monitor
+from .monitor import MonitorStatistics as MonitorStatistics
 from .pidfile import PIDFile as PIDFile
 from .pidfile import PIDFileLockedError as PIDFileLockedError
 from .privileges import DropPrivileges as DropPrivileges
 from .signals import SignalHandler as SignalHandler
 
-__all__ = ["DropPrivileges", "PIDFile", "PIDFileLockedError", "SignalHandler"]
+__all__ = [
+    "Autoreloader",
+    "DropPrivileges",
+    "Monitor",
+    "MonitorStatistics",
+    "PIDFile",
+    "PIDFileLockedError",
+    "SignalHandler",
+]
