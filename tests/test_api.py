@@ -52,6 +52,11 @@ def test_channel_failures_pickles() -> None:
     assert [str(e) for e in copy.exceptions] == ["a"]
 
 
-def test_plugins_package_has_an_explicit_all() -> None:
-    """aiobus.plugins declares what it exports."""
-    assert isinstance(aiobus.plugins.__all__, list)
+def test_plugins_all_lists_exactly_the_plugins() -> None:
+    """aiobus.plugins exports every plugin by name, and nothing else."""
+    public = {
+        name
+        for name, value in vars(aiobus.plugins).items()
+        if not name.startswith("_") and isinstance(value, type) and value.__module__.startswith("aiobus.plugins.")
+    }
+    assert sorted(public) == sorted(aiobus.plugins.__all__)

@@ -11,6 +11,7 @@ from .pidfile import PIDFile as PIDFile
 from .pidfile import PIDFileLockedError as PIDFileLockedError
 from .privileges import DropPrivileges as DropPrivileges
 from .signals import SignalHandler as SignalHandler
+from .systemd import SystemdNotifier as SystemdNotifier
 
 __all__ = [
     "Autoreloader",
@@ -20,4 +21,5 @@ __all__ = [
     "PIDFile",
     "PIDFileLockedError",
     "SignalHandler",
+    "SystemdNotifier",
 ]
