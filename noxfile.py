@@ -1,5 +1,8 @@
 """Sessions: tests (with coverage), lint, typecheck. Each uses the running interpreter."""
 
+import os
+import tempfile
+
 import nox
 
 nox.options.sessions = ["tests", "lint", "typecheck"]
@@ -13,13 +16,19 @@ TEST_DEPS = ["pytest>=8", "pytest-asyncio>=0.24", "pytest-cov>=5", "trio>=0.25"]
 def tests(session: nox.Session) -> None:
     """Run the test suite against the installed package, with coverage (fail under 90%)."""
     session.install(".[reload]", *TEST_DEPS)
-    session.run(
-        "pytest",
-        "--cov",
-        "--cov-report=term-missing",
-        "--cov-fail-under=90",
-        *session.posargs,
-    )
+    # Child processes write their coverage data too: some run as another user (after
+    # DropPrivileges) or elsewhere (a daemon's chdir("/")), so the data goes to an
+    # absolute path in a folder anyone may write to, sticky like /tmp.
+    with tempfile.TemporaryDirectory(prefix="aiobus-coverage-") as data:
+        os.chmod(data, 0o1777)
+        session.run(
+            "pytest",
+            "--cov",
+            "--cov-report=term-missing",
+            "--cov-fail-under=90",
+            *session.posargs,
+            env={"COVERAGE_FILE": os.path.join(data, ".coverage")},
+        )
 
 
 @nox.session

@@ -98,9 +98,6 @@ class Channels:
     def get(self, channel: str) -> tuple[Listener, ...] | None:
         return self._listeners.get(channel)
 
-    def names(self) -> tuple[str, ...]:
-        return tuple(self._listeners)
-
     def as_mapping(self) -> Mapping[str, tuple[Callable[..., Any], ...]]:
         return {name: tuple(item.callback for item in items) for name, items in self._listeners.items()}
 

@@ -607,7 +607,7 @@ class TestRaces:
             assert bus.state is State.EXITING
         assert calls == ["stop", "exit"]
 
-    async def test_exit_cancels_a_hung_graceful(self) -> None:
+    async def test_exit_cancels_a_hung_graceful(self, log_recorder: LogRecorder) -> None:
         """exit() while a graceful listener hangs cancels it and shuts down."""
         entered = anyio.Event()
 
@@ -616,6 +616,7 @@ class TestRaces:
             await anyio.sleep_forever()
 
         async with Bus() as bus:
+            bus.subscribe("log", log_recorder)
             bus.subscribe("graceful", hung_reload)
             await bus.start()
             bus.start_soon(bus.graceful)
@@ -623,6 +624,7 @@ class TestRaces:
             with anyio.fail_after(10):
                 await bus.exit()
             assert bus.state is State.EXITING
+        assert log_recorder.matching("Graceful interrupted: the bus is exiting")
 
     async def test_a_cancelled_stop_still_completes(self) -> None:
         """stop() is shielded: cancelling its caller does not leave the bus STOPPING."""

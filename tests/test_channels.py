@@ -286,3 +286,50 @@ class TestPublish:
         assert stats.publishes["x"] == 1
         assert stats.failures["x"] == 1
         assert "y" not in stats.failures
+
+
+class TestNamesInLogs:
+    async def test_failures_of_partials_and_callable_objects_are_named(self, log_recorder: LogRecorder) -> None:
+        """A failing partial or callable object is named readably in the log."""
+
+        def broken(x: int) -> None:
+            raise ValueError(x)
+
+        class Broken:
+            def __call__(self) -> None:
+                raise ValueError("object")
+
+        bus = Bus()
+        bus.subscribe("log", log_recorder)
+        bus.subscribe("x", functools.partial(broken, 1))
+        bus.subscribe("x", Broken())
+        with pytest.raises(ChannelFailures):
+            await bus.publish("x")
+        names = [record.fields["listener"] for record in log_recorder.records if "listener" in record.fields]
+        assert names == [
+            "partial(TestNamesInLogs.test_failures_of_partials_and_callable_objects_are_named.<locals>.broken)",
+            "TestNamesInLogs.test_failures_of_partials_and_callable_objects_are_named.<locals>.Broken",
+        ]
+
+    def test_channel_must_be_a_string(self) -> None:
+        """A channel named by something else than a str is a TypeError."""
+        with pytest.raises(TypeError, match="channel"):
+            Bus().subscribe(42, print)  # type: ignore[call-overload]
+
+    def test_log_listener_returning_an_awaitable_is_reported(self, capsys: pytest.CaptureFixture[str]) -> None:
+        """A sync log listener that returns a coroutine is reported on stderr; nothing is left unawaited."""
+
+        async def later() -> None:
+            pass
+
+        bus = Bus()
+        bus.subscribe("log", lambda msg, level, **fields: later())
+        bus.log("hello")
+        assert "must be sync" in capsys.readouterr().err
+
+
+def test_state_repr_names_the_state() -> None:
+    """A State shows as State.NAME."""
+    from aiobus import State
+
+    assert repr(State.STARTED) == "State.STARTED"

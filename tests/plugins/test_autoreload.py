@@ -103,7 +103,11 @@ class TestFiles:
         files = Autoreloader(Bus(), [config]).files()
         assert str(source) in files
         assert str(config) in files
-        assert aiobus.plugins.autoreload.__file__ in files  # an editable install is watched
+        installed = "site-packages" in aiobus.plugins.autoreload.__file__
+        # site-packages is skipped by default; a package installed in editable mode is watched
+        assert (aiobus.plugins.autoreload.__file__ in files) is not installed
+        if installed:
+            assert aiobus.plugins.autoreload.__file__ in Autoreloader(Bus(), include_site_packages=True).files()
 
     def test_standard_library_and_site_packages_are_skipped(self) -> None:
         """The standard library is never watched, site-packages only with include_site_packages."""

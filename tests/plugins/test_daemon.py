@@ -16,7 +16,7 @@ import pytest
 from processes import Child, Spawner
 
 from aiobus import Bus, daemonize
-from aiobus._daemon import Daemon
+from aiobus._daemon import Daemon, _read_report
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="fork, sessions and /proc (Linux)")
 
@@ -291,3 +291,43 @@ class TestReports:
             daemon.subscribe(bus)
             await bus.start()
         assert self.reports(read_fd)[1:] == [{"failed": "no database"}]
+
+
+class TestReportReading:
+    """The original process's reading of the daemon's reports, over a real pipe."""
+
+    @staticmethod
+    def outcome(*chunks: bytes, close: bool = True, timeout: float | None = 10) -> tuple[int, str]:
+        read_fd, write_fd = os.pipe()
+        try:
+            for chunk in chunks:
+                os.write(write_fd, chunk)
+            if close:
+                os.close(write_fd)
+            return _read_report(read_fd, timeout)
+        finally:
+            os.close(read_fd)
+            if not close:
+                os.close(write_fd)
+
+    def test_started_means_exit_code_0(self) -> None:
+        """A pid then a start report, even split across writes, gives exit code 0 and no message."""
+        assert self.outcome(b'{"pid": 42}\n{"sta', b'rted": true}\n') == (0, "")
+
+    def test_failure_report_is_exit_code_1_with_the_error(self) -> None:
+        """A failure report gives exit code 1 and a message with the daemon's pid and error."""
+        code, message = self.outcome(b'{"pid": 42}\n{"failed": "no database"}\n')
+        assert code == 1
+        assert "pid 42" in message and "no database" in message
+
+    def test_end_without_a_report_is_exit_code_1(self) -> None:
+        """A daemon that dies before reporting (the pipe closes) gives exit code 1, saying so."""
+        code, message = self.outcome(b'{"pid": 42}\n')
+        assert code == 1
+        assert "exited before reporting" in message
+
+    def test_no_report_in_time_is_exit_code_1(self) -> None:
+        """Silence past the timeout gives exit code 1 and says how long it waited."""
+        code, message = self.outcome(b'{"pid": 42}\n', close=False, timeout=0.05)
+        assert code == 1
+        assert "0.05" in message

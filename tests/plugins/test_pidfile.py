@@ -283,3 +283,47 @@ class TestInProcess:
             assert await anyio.Path(pid_path).read_text() == f"{os.getpid()}\n"
             assert plugin.pid == os.getpid()
         assert not await anyio.Path(pid_path).exists()
+
+
+class TestFileEdgeCases:
+    """The same plugin driven in the test's own process: the file's edge cases."""
+
+    @pytest.mark.parametrize("content", ["", "not a pid\n", "0\n", "-5\n"])
+    async def test_file_naming_no_pid_is_replaced_with_a_warning(self, tmp_path: Path, content: str) -> None:
+        """A PID file that names no pid is replaced by ours, with a warning saying so."""
+        path = tmp_path / "service.pid"
+        path.write_text(content)
+        recorder = LogRecorder()
+        async with Bus() as bus:
+            bus.subscribe("log", recorder)
+            PIDFile(bus, path).subscribe()
+            await bus.start()
+            assert path.read_text() == f"{os.getpid()}\n"
+        assert recorder.matching("which named no pid")
+        assert not path.exists()
+
+    async def test_file_removed_while_running_is_reported_at_exit(self, tmp_path: Path) -> None:
+        """If someone removed the PID file meanwhile, exit says so and goes on."""
+        path = tmp_path / "service.pid"
+        recorder = LogRecorder()
+        async with Bus() as bus:
+            bus.subscribe("log", recorder)
+            PIDFile(bus, path).subscribe()
+            await bus.start()
+            path.unlink()
+        assert recorder.matching("could not be read at exit")
+        assert bus.exit_code == 0
+
+    async def test_started_again_after_a_stop_keeps_the_same_file(self, tmp_path: Path) -> None:
+        """stop then start keeps holding the file written at the first start."""
+        path = tmp_path / "service.pid"
+        async with Bus() as bus:
+            plugin = PIDFile(bus, path)
+            plugin.subscribe()
+            await bus.start()
+            await bus.stop()
+            await bus.start()
+            assert plugin.pid == os.getpid()
+            assert path.read_text() == f"{os.getpid()}\n"
+        assert plugin.pid is None
+        assert not path.exists()

@@ -274,3 +274,25 @@ def test_controlling_terminal_is_detected() -> None:
     except OSError:
         expected = False
     assert has_controlling_terminal() is expected
+
+
+def test_a_failing_handler_is_logged_and_the_bus_goes_on() -> None:
+    """A callable handler that raises is logged with the signal's name; the bus keeps running."""
+
+    def broken() -> None:
+        raise RuntimeError("handler broke")
+
+    recorder = LogRecorder()
+
+    async def main() -> State:
+        async with Bus() as bus:
+            bus.subscribe("log", recorder)
+            SignalHandler(bus, {"SIGUSR2": broken}).subscribe()
+            await recorder.wait_for("Receiving signals")
+            os.kill(os.getpid(), signal.SIGUSR2)
+            await recorder.wait_for("The SIGUSR2 handler failed")
+            return bus.state
+
+    assert anyio.run(main) is State.STOPPED
+    [failure] = recorder.matching("The SIGUSR2 handler failed")
+    assert "handler broke" in failure.fields["traceback"]
