@@ -202,7 +202,7 @@ class Bus:
         for listener in listeners:
             try:
                 result = listener.callback(*args, **kwargs)
-                if listener.is_async or inspect.isawaitable(result):
+                if listener.is_async or (result is not None and inspect.isawaitable(result)):
                     result = await result
             except Exception as exc:
                 failures.append(exc)
