@@ -44,3 +44,12 @@ def typecheck(session: nox.Session) -> None:
     """mypy --strict on the package and its tests."""
     session.install(".[reload]", "mypy", *TEST_DEPS)
     session.run("mypy", "--strict", "aiobus", "tests")
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Benchmarks (bench/): figures and ratios against baselines measured in the same run."""
+    session.install(".", "trio>=0.25")
+    for script in sorted(os.listdir("bench")):
+        if script.startswith("bench_") and script.endswith(".py"):
+            session.run("python", os.path.join("bench", script), *session.posargs)
