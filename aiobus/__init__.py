@@ -10,29 +10,77 @@ Layers, from the bottom up; each uses only the public API of the ones below it:
    ``_reexec`` (restart in place), ``_tasks`` (the tasks a bus owns), ``_bus`` (the
    Bus), ``_plugin`` (SimplePlugin) and ``_daemon`` (daemonizing, before any loop runs).
    The core imports no plugin.
-2. ``aiobus.plugins``: one module per plugin, built on the core's public API only.
+2. the link: ``_link`` (framing and codec over a byte stream) and ``_private`` (a
+   rendezvous no other local user can reach).
+3. supervision, written once for child brokers and external programs: ``_supervision``
+   (restart policies, group strategies, intensity and backoff).
+4. child brokers: ``_children`` (the parent's side) and ``_worker`` (the child's side,
+   run in an ``anyio.to_process`` worker).
+5. ``aiobus.plugins``: one module per plugin, built on the public API above.
 """
 
 from ._bus import Bus as Bus
 from ._bus import BusStatistics as BusStatistics
 from ._channels import ChannelFailures as ChannelFailures
+from ._children import ChildBroker as ChildBroker
+from ._children import ChildUnavailable as ChildUnavailable
 from ._daemon import Daemon as Daemon
 from ._daemon import daemonize as daemonize
+from ._link import CorruptFrame as CorruptFrame
+from ._link import EndOfLink as EndOfLink
+from ._link import FrameTooLarge as FrameTooLarge
+from ._link import Link as Link
+from ._link import LinkError as LinkError
+from ._link import LinkStatistics as LinkStatistics
+from ._link import UndeliveredMessages as UndeliveredMessages
 from ._logging import configure_logging as configure_logging
 from ._logging import log_to_structlog as log_to_structlog
 from ._plugin import SimplePlugin as SimplePlugin
+from ._private import PrivateListener as PrivateListener
+from ._private import connect_private as connect_private
 from ._state import State as State
 from ._state import StateError as StateError
+from ._supervision import CHILD_EXIT_CHANNEL as CHILD_EXIT_CHANNEL
+from ._supervision import Child as Child
+from ._supervision import ChildExit as ChildExit
+from ._supervision import ChildInfo as ChildInfo
+from ._supervision import ChildState as ChildState
+from ._supervision import Restart as Restart
+from ._supervision import Strategy as Strategy
+from ._supervision import Supervisor as Supervisor
+from ._supervision import default_supervisor as default_supervisor
+from ._worker import ParentLink as ParentLink
 
 __all__ = [
+    "CHILD_EXIT_CHANNEL",
     "Bus",
     "BusStatistics",
     "ChannelFailures",
+    "Child",
+    "ChildBroker",
+    "ChildExit",
+    "ChildInfo",
+    "ChildState",
+    "ChildUnavailable",
+    "CorruptFrame",
     "Daemon",
+    "EndOfLink",
+    "FrameTooLarge",
+    "Link",
+    "LinkError",
+    "LinkStatistics",
+    "ParentLink",
+    "PrivateListener",
+    "Restart",
     "SimplePlugin",
     "State",
     "StateError",
+    "Strategy",
+    "Supervisor",
+    "UndeliveredMessages",
     "configure_logging",
+    "connect_private",
     "daemonize",
+    "default_supervisor",
     "log_to_structlog",
 ]

@@ -63,3 +63,21 @@ def test_pid_service_stops_on_sigterm_with_code_0_and_its_pid_file_gone(spawn: S
     assert child.wait() == 0, child.output
     assert not pidfile.exists()
     child.assert_nothing_left()
+
+
+def readme_block(heading: str) -> str:
+    """The first Python block after a README heading."""
+    section = (ROOT / "README.md").read_text().split(heading, 1)[1]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="POSIX signals")
+def test_readme_child_broker_example_runs(spawn: Spawner) -> None:
+    """The README's child broker example sends an order to its child, gets the answer, and stops on SIGTERM."""
+    child = spawn.script(readme_block("## Child brokers"), name="bank.py")
+    child.wait_for("('done', 'BUY DXBZ 20')")
+    executed = child.wait_for("BUY DXBZ 20 executed")  # logged in the child, relayed by the parent
+    assert '"child": "broker"' in executed
+    child.send(signal.SIGTERM)
+    assert child.wait() == 0, child.output
+    child.assert_nothing_left()

@@ -1,0 +1,238 @@
+"""The child's side of a child broker: what runs inside the ``anyio.to_process`` worker.
+
+:func:`run_child` is the function handed to ``anyio.to_process.run_sync``. In the
+worker (a fresh interpreter) it:
+
+1. asks the kernel to kill it if the parent dies (Linux ``PR_SET_PDEATHSIG``), and
+   leaves the parent's process group, so that a terminal Ctrl-C reaches the parent
+   only: the parent drives the shutdown;
+2. connects twice to the parent's private listener, presenting the token: a control
+   link (logs, heartbeats, stop and graceful) and a data link (the user's messages);
+3. forwards everything the child logs (structlog, ``print``, ``sys.stderr``) over the
+   control link, so nothing is lost in the worker's ``/dev/null``;
+4. runs a :class:`~aiobus.Bus`, starts it, reports ready, and awaits the user's
+   function ``fn(bus, link)``; a main tick sends a heartbeat;
+5. on the parent's stop, the data link ends (after the messages already sent) and the
+   bus exits once ``fn`` has returned; the worker then ends with the bus's exit code.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import io
+import logging
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any, NoReturn
+
+import anyio
+import structlog
+
+from ._bus import Bus
+from ._link import EndOfLink, Link
+from ._private import connect_private
+from ._state import State
+
+PR_SET_PDEATHSIG = 1
+EXIT_FAILED = 1
+
+
+class EndOfInput:
+    """Sent by the parent on the data link when it stops the child: no message follows."""
+
+
+class ParentLink:
+    """The child's link to its parent: ``await link.send(obj)``, ``await link.receive()``,
+    ``async for msg in link``.
+
+    The iteration ends cleanly once the parent stops the child, after every message it
+    sent before; :meth:`receive` then raises :class:`~aiobus.EndOfLink`.
+    """
+
+    def __init__(self, link: Link) -> None:
+        self._link = link
+        self._ended = False
+
+    async def send(self, obj: Any) -> None:
+        """Send ``obj`` to the parent (see :meth:`aiobus.Link.send`)."""
+        await self._link.send(obj)
+
+    async def receive(self) -> Any:
+        """The next message from the parent.
+
+        Raises:
+            EndOfLink: the parent stopped the child (or went away); nothing follows.
+        """
+        if self._ended:
+            raise EndOfLink
+        message = await self._link.receive()
+        if isinstance(message, EndOfInput):
+            self._ended = True
+            raise EndOfLink
+        return message
+
+    def __aiter__(self) -> ParentLink:
+        return self
+
+    async def __anext__(self) -> Any:
+        try:
+            return await self.receive()
+        except anyio.EndOfStream:
+            raise StopAsyncIteration from None
+
+
+def run_child(
+    address: str,
+    token: bytes,
+    fn: Callable[[Bus, ParentLink], Awaitable[Any]],
+    name: str,
+    parent_pid: int,
+    main_interval: float,
+) -> NoReturn:
+    """The worker's entry point: run the child, then end the worker with its exit code.
+
+    It raises SystemExit, which anyio's worker reports to the parent and then obeys: the
+    worker process ends instead of idling in anyio's pool.
+    """
+    _die_with_parent(parent_pid)
+    code = anyio.run(_child_main, address, token, fn, name, main_interval)
+    raise SystemExit(code)
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    try:
+        os.setpgid(0, 0)
+    except OSError:
+        pass
+    if sys.platform == "linux":
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent_pid:  # the parent died before the request took hold
+        os._exit(EXIT_FAILED)
+
+
+async def _child_main(
+    address: str, token: bytes, fn: Callable[[Bus, ParentLink], Awaitable[Any]], name: str, main_interval: float
+) -> int:
+    control = await connect_private(address, token)
+    data = await connect_private(address, token)
+    async with control, data:
+        _forward_output(control, name)
+        control.send_nowait(("hello", os.getpid()))
+        async with Bus(main_interval=main_interval) as bus:
+            stop_requested = anyio.Event()
+            bus.subscribe("main", lambda: _send_quietly(control, ("tick",)))
+            bus.start_soon(_read_control, control, bus, stop_requested)
+            bus.start_soon(_exit_on_sigterm, bus)
+            await bus.start()
+            await control.send(("ready",))
+            code = await _run_user(fn, bus, ParentLink(data), stop_requested)
+            await bus.exit()
+        await control.drain()
+        return code or bus.exit_code
+
+
+async def _run_user(
+    fn: Callable[[Bus, ParentLink], Awaitable[Any]], bus: Bus, link: ParentLink, stop_requested: anyio.Event
+) -> int:
+    """Await the user's function, then wait for the parent's stop; cut short if the bus exits."""
+    with anyio.CancelScope() as scope:
+        bus.start_soon(_cancel_when_exiting, bus, scope)
+        try:
+            await fn(bus, link)
+        except Exception:
+            structlog.get_logger("aiobus").exception("The child's function failed")
+            return EXIT_FAILED
+        await stop_requested.wait()
+    return 0
+
+
+async def _cancel_when_exiting(bus: Bus, scope: anyio.CancelScope) -> None:
+    await bus.wait(State.EXITING)
+    scope.cancel()
+
+
+async def _read_control(control: Link, bus: Bus, stop_requested: anyio.Event) -> None:
+    try:
+        async for message in control:
+            if message == ("stop",):
+                stop_requested.set()
+            elif message == ("graceful",):
+                await bus.graceful()
+    except anyio.EndOfStream:
+        pass
+    stop_requested.set()  # the parent is gone: nobody will say stop
+    await bus.exit()
+
+
+async def _exit_on_sigterm(bus: Bus) -> None:
+    with anyio.open_signal_receiver(signal.SIGTERM) as signals:
+        async for _ in signals:
+            bus.log("Child got SIGTERM: exiting", logging.WARNING)
+            await bus.exit()
+
+
+def _send_quietly(link: Link, message: Any) -> None:
+    try:
+        link.send_nowait(message)
+    except (anyio.WouldBlock, anyio.ClosedResourceError, anyio.BrokenResourceError):
+        pass  # a heartbeat or a log line that cannot go now is not worth blocking for
+
+
+# -- output -------------------------------------------------------------------------------
+
+
+class _ForwardingWriter(io.TextIOBase):
+    """A text stream whose lines go to the parent as log events."""
+
+    def __init__(self, link: Link, stream: str) -> None:
+        self._link = link
+        self._stream = stream
+        self._pending = ""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        self._pending += text
+        *lines, self._pending = self._pending.split("\n")
+        for line in lines:
+            _send_quietly(self._link, ("log", {"event": line, "level": "info", "stream": self._stream}))
+        return len(text)
+
+    def flush(self) -> None:
+        if self._pending:
+            line, self._pending = self._pending, ""
+            _send_quietly(self._link, ("log", {"event": line, "level": "info", "stream": self._stream}))
+
+
+def _forward_output(control: Link, name: str) -> None:
+    """Send structlog events, ``print`` and ``sys.stderr`` lines to the parent."""
+
+    def to_parent(logger: Any, method: str, event: MutableMapping[str, Any]) -> str:
+        event.setdefault("level", method)
+        _send_quietly(control, ("log", _plain(event)))
+        raise structlog.DropEvent
+
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.format_exc_info,
+            to_parent,
+        ],
+        cache_logger_on_first_use=False,
+    )
+    sys.stdout = _ForwardingWriter(control, "stdout")
+    sys.stderr = _ForwardingWriter(control, "stderr")
+
+
+def _plain(event: MutableMapping[str, Any]) -> dict[str, Any]:
+    """The event with every value the parent may not be able to unpickle turned into text."""
+    plain: dict[str, Any] = {}
+    for key, value in event.items():
+        plain[key] = value if isinstance(value, str | int | float | bool | type(None)) else repr(value)
+    return plain
