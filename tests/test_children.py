@@ -278,3 +278,49 @@ class TestProcesses:
         assert parent.wait() == 0, parent.output
         assert not alive(child)
         parent.assert_nothing_left()
+
+
+class TestMore:
+    def test_bad_arguments_are_clear_errors(self) -> None:
+        """A function that is not callable, a negative grace or a zero heartbeat_misses is refused."""
+        bus = Bus()
+        with pytest.raises(TypeError, match="callable"):
+            ChildBroker(bus, "x", 42)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="grace"):
+            ChildBroker(bus, "x", child_functions.echo, grace=-1)
+        with pytest.raises(ValueError, match="heartbeat_misses"):
+            ChildBroker(bus, "x", child_functions.echo, heartbeat_misses=0)
+        with pytest.raises(ValueError, match="name"):
+            ChildBroker(bus, "", child_functions.echo)
+
+    async def test_iterating_ends_after_the_stop_with_every_message(self) -> None:
+        """``async for msg in child`` yields what the child sent, then ends once it is stopped."""
+        async with Bus() as bus:
+            broker = ChildBroker(bus, "echo", child_functions.echo)
+            broker.subscribe()
+            await bus.start()
+            for number in range(3):
+                await broker.send(number)
+            await bus.stop()
+            with anyio.fail_after(30):
+                received = [message async for message in broker]
+            broker.unsubscribe()
+            assert broker.supervisor is not None and broker.supervisor.children() == []
+        assert received == [("echo", n) for n in range(3)]
+
+    async def test_sigterm_to_the_child_exits_it_through_its_bus(self, log_recorder: LogRecorder) -> None:
+        """A child sent SIGTERM exits cleanly through its own bus (code 0); a permanent one comes back."""
+        exits: list[ChildExit] = []
+        async with Bus() as bus:
+            bus.subscribe("log", log_recorder)
+            bus.subscribe(CHILD_EXIT_CHANNEL, exits.append)
+            broker = ChildBroker(bus, "worker", child_functions.report_pid)
+            broker.subscribe()
+            await bus.start()
+            _, first = await broker.receive()
+            os.kill(first, signal.SIGTERM)
+            with anyio.fail_after(30):
+                _, second = await broker.receive()
+            assert second != first
+        assert (exits[0].pid, exits[0].exit_code, exits[0].signal) == (first, 0, None)
+        assert log_recorder.matching("Child got SIGTERM: exiting")
