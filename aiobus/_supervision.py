@@ -14,11 +14,13 @@ child's restart policy, the group's strategy and the restart intensity:
   reason is logged.
 
 One task makes every decision, one exit at a time, so a restart never races a
-stop (circus#529): a stop first ends that task, then stops the children. Every exit
-is recorded (``last_exit``), logged and published on ``child_exit``: failures, stops,
-children stopped for a strategy, and starts that failed (``could not start: ...``).
-An exit of an incarnation that is no longer the current one (it ended just as the
-strategy restarted it anyway) is recorded, but decides nothing.
+stop (circus#529): from the bus's STOPPING on it restarts nothing, and the stop
+ends that task before it stops the children.
+
+Every exit is recorded (``last_exit``), logged and published on ``child_exit``:
+failures, stops, children stopped for a strategy, and starts that failed
+(``could not start: ...``). The exit of an incarnation that is no longer the
+current one (it ended as a strategy restarted it anyway) decides nothing.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from ._bus import Bus
 from ._channels import ChannelFailures
 from ._plugin import SimplePlugin
+from ._state import State
 
 EX_SOFTWARE = 70
 #: The channel on which each child's exit is published, as a :class:`ChildExit`.
@@ -367,7 +370,7 @@ class Supervisor(SimplePlugin):
         try:
             with scope:
                 async for child, incarnation, exit in exits:
-                    if exit.expected or incarnation != self._incarnations.get(id(child)):
+                    if exit.expected or incarnation != self._incarnations.get(id(child)) or self._stopping:
                         await self._record(child, exit)  # stopped by us, or already restarted: nothing to decide
                     else:
                         await self._handle_exit(child, exit)
@@ -402,6 +405,8 @@ class Supervisor(SimplePlugin):
                 self._give_up(affected)
                 return
             await anyio.sleep(delay)
+            if self._stopping:
+                return  # the bus is stopping: its stop stops whatever runs
             started: list[Child] = []
             try:
                 for each in affected:
@@ -416,6 +421,11 @@ class Supervisor(SimplePlugin):
                     each.state = ChildState.RESTARTING
                 continue
             return
+
+    @property
+    def _stopping(self) -> bool:
+        """Whether the bus's stop has begun (our stop listener may not have run yet)."""
+        return self.bus.state in (State.STOPPING, State.EXITING)
 
     def _affected(self, child: Child) -> list[Child]:
         if self.strategy is Strategy.ONE_FOR_ALL:

@@ -11,15 +11,21 @@ from .pidfile import PIDFile as PIDFile
 from .pidfile import PIDFileLockedError as PIDFileLockedError
 from .privileges import DropPrivileges as DropPrivileges
 from .signals import SignalHandler as SignalHandler
+from .subprocess import LineReady as LineReady
+from .subprocess import PortReady as PortReady
+from .subprocess import Subprocess as Subprocess
 from .systemd import SystemdNotifier as SystemdNotifier
 
 __all__ = [
     "Autoreloader",
     "DropPrivileges",
+    "LineReady",
     "Monitor",
     "MonitorStatistics",
     "PIDFile",
     "PIDFileLockedError",
+    "PortReady",
     "SignalHandler",
+    "Subprocess",
     "SystemdNotifier",
 ]

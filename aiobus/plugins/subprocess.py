@@ -1,0 +1,431 @@
+"""Subprocess: run an external program along with the bus, supervised like a child broker.
+
+A :class:`Subprocess` is a :class:`~aiobus.Child` of a :class:`~aiobus.Supervisor` (the
+bus's default one unless given another): the same restart policies, strategies, intensity
+and backoff as child brokers, its exits published on ``child_exit``, and one listing.
+
+**No orphans.** ``anyio.open_process`` has no ``preexec_fn``, so each program starts
+through a launcher script (``aiobus/_launcher.py``, run as ``python -I`` in a session of
+its own). The launcher, a child subreaper, starts the program in a session and process
+group of its own and holds the read end of a pipe whose write end only the supervising
+process holds. When that process dies, even by SIGKILL, the kernel closes the pipe, and
+the launcher kills the program's group and every orphaned descendant at once; if the
+launcher itself is killed, the kernel kills the program (``PR_SET_PDEATHSIG``). The
+launcher exits once every descendant is gone, with the program's own exit status, so the
+exit seen here is the program's and means its whole tree has ended. (A ``fork()`` of the
+supervising process without ``exec`` keeps the pipe open in the copy, as long as it lives.)
+
+**Stopping.** A byte on the same pipe asks the launcher to send the stop signal to the
+program's process group (``os.killpg``: grandchildren get it too) and, ``stop_timeout``
+seconds later, SIGKILL to whatever is left of it and to any descendant that left the
+group. A program that ends on its own gets the same treatment for what it leaves
+behind, as systemd does; its exit is reported once all of it has ended. The supervisor makes all
+restart decisions in one task, which a stop ends before any child is stopped: a program
+cannot be restarted while a stop is under way (circus#529).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import anyio
+from anyio.abc import ByteReceiveStream, Process
+
+from aiobus import Bus
+from aiobus._supervision import Child, ChildExit, Restart, Supervisor, default_supervisor
+
+from ._output import LineReady, LineSplitter, PortReady
+
+__all__ = ["LineReady", "PortReady", "Subprocess"]
+
+LAUNCHER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "_launcher.py")
+LAUNCH_TIMEOUT = 30.0  # seconds for the launcher to say whether the program could be run
+OUTPUT_DRAIN = 5.0  # seconds to read what is left in the pipes once the program's tree has ended
+STOP_MARGIN = 5.0  # seconds beyond stop_timeout before the supervisor kills the launcher itself
+AT_ONCE = 1.0  # a program that ends within this many seconds of its start "exited at once"
+
+
+@dataclass(eq=False)
+class _Run:
+    """One incarnation: the launcher's process, and what is known of the program in it."""
+
+    process: Process
+    started: float
+    status_fd: int  # the read end of the launcher's status pipe, until _confirm closes it
+    pid: int | None = None
+    stopping: bool = False
+    exit: ChildExit | None = None
+    known: anyio.Event = field(default_factory=anyio.Event)  # the pid is known, or never will be
+    line_seen: anyio.Event = field(default_factory=anyio.Event)
+    ended: anyio.Event = field(default_factory=anyio.Event)
+
+
+def _seconds(label: str, value: object, *, zero: bool) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < math.inf:
+        raise ValueError(f"{label} must be a finite number of seconds, not {value!r}")
+    if not zero and value == 0:
+        raise ValueError(f"{label} must be a positive number of seconds, not {value!r}")
+    return float(value)
+
+
+def _check_argv(argv: object) -> list[str]:
+    if isinstance(argv, str | bytes) or not isinstance(argv, Sequence):
+        raise TypeError(f"argv must be a list of arguments, the program first, not {argv!r}")
+    items = []
+    for arg in argv:
+        item = os.fspath(arg) if isinstance(arg, os.PathLike) else arg
+        if not isinstance(item, str):
+            raise TypeError(f"each argument in argv must be a str or a path, not {arg!r}")
+        if "\0" in item:
+            raise ValueError(f"an argument in argv contains a NUL character: {item!r}")
+        items.append(item)
+    if not items:
+        raise ValueError("argv must name a program to run: it is empty")
+    return items
+
+
+async def _read_some(fd: int) -> bytes:
+    """Read what a non-blocking pipe has once it has something (b"" at its end)."""
+    while True:
+        await anyio.wait_readable(fd)
+        try:
+            return os.read(fd, 4096)
+        except BlockingIOError:
+            continue
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+class Subprocess(Child):
+    """An external program run along with the bus: started at its start, stopped at its stop.
+
+    Its output is read line by line, as it comes, into log events (``bus.log``) with the
+    fields ``program`` (its name), ``pid`` and ``stream`` (``"stdout"`` or ``"stderr"``):
+    both pipes are always read, a last line without a newline is kept, a line longer than
+    ``max_line`` bytes is cut with a marker (``… [cut: N bytes]``), and bytes that are not
+    UTF-8 are replaced.
+
+    Call :meth:`subscribe` (before the bus starts) to add it to ``supervisor`` (or the
+    bus's default supervisor), which starts it with the bus (priority 80), in the order
+    children were added, and stops it at the bus's stop (priority 20), in reverse order.
+    A start that cannot succeed (no such program, not executable, not ready in time)
+    makes ``bus.start()`` fail with the error, logged and published on ``child_exit``.
+
+    Args:
+        bus: the bus.
+        name: names the program in logs, exits and the children listing.
+        argv: the program and its arguments; the program is looked up on ``PATH``.
+        env: the program's whole environment (it replaces this process's, the default).
+        cwd: the program's working directory (by default, this process's).
+        restart: ``"permanent"``, ``"transient"`` or ``"temporary"``.
+        stop_signal: sent to the program's process group to stop it.
+        stop_timeout: seconds after the stop signal before SIGKILL goes to the group.
+        ready: None, :class:`PortReady` or :class:`LineReady` (a whole line matching): the
+            program counts as started (and the next one in its group starts) only once the
+            check passes.
+        ready_timeout: seconds the check may take; past it the program is killed and its
+            start fails with a TimeoutError.
+        max_line: the longest line of output kept, in bytes.
+        supervisor: the group to join (a Supervisor you subscribed); the bus's default one if None.
+
+    Raises:
+        TypeError, ValueError: an argument is of the wrong type or out of range.
+    """
+
+    kind = "program"
+
+    def __init__(
+        self,
+        bus: Bus,
+        name: str,
+        argv: Sequence[str | os.PathLike[str]],
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | os.PathLike[str] | None = None,
+        restart: Restart | str = Restart.PERMANENT,
+        stop_signal: int = signal.SIGTERM,
+        stop_timeout: float = 10.0,
+        ready: PortReady | LineReady | None = None,
+        ready_timeout: float = 30.0,
+        max_line: int = 65536,
+        supervisor: Supervisor | None = None,
+    ) -> None:
+        super().__init__(name, restart)
+        self.bus = bus
+        self.argv = _check_argv(argv)
+        if env is not None and (
+            not isinstance(env, Mapping) or not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items())
+        ):
+            raise TypeError(f"env must be a mapping of str to str, not {env!r}")
+        self.env = None if env is None else dict(env)
+        self.cwd = None if cwd is None else os.fspath(cwd)
+        if isinstance(stop_signal, bool) or not isinstance(stop_signal, int):
+            raise TypeError(f"stop_signal must be a signal number, not {stop_signal!r}")
+        try:
+            self.stop_signal = signal.Signals(stop_signal)
+        except ValueError:
+            raise ValueError(f"stop_signal must be a signal, not {stop_signal!r}") from None
+        self.stop_timeout = _seconds("stop_timeout", stop_timeout, zero=True)
+        if ready is not None and not isinstance(ready, PortReady | LineReady):
+            raise TypeError(f"ready must be None, a PortReady or a LineReady, not {ready!r}")
+        self.ready = ready
+        self.ready_timeout = _seconds("ready_timeout", ready_timeout, zero=False)
+        if isinstance(max_line, bool) or not isinstance(max_line, int) or max_line < 1:
+            raise ValueError(f"max_line must be a number of bytes >= 1, not {max_line!r}")
+        self.max_line = max_line
+        self.supervisor = supervisor
+        self._run: _Run | None = None
+
+    def __repr__(self) -> str:
+        return f"<Subprocess {self.name!r} {self.argv!r} {self.state}>"
+
+    def subscribe(self) -> None:
+        """Join the supervisor's group (once): started with the bus from then on."""
+        group = self._group()
+        try:
+            if group[self.name] is self:
+                return
+        except KeyError:
+            pass
+        group.add(self)
+
+    def unsubscribe(self) -> None:
+        """Leave the supervisor's group; the program must not be running."""
+        group = self._group()
+        try:
+            if group[self.name] is self:
+                group.remove(self)
+        except KeyError:
+            pass
+
+    def _group(self) -> Supervisor:
+        return self.supervisor if self.supervisor is not None else default_supervisor(self.bus)
+
+    @property
+    def pid(self) -> int | None:
+        """The running program's process id (not the launcher's)."""
+        run = self._run
+        return None if run is None or run.ended.is_set() else run.pid
+
+    # -- Child --------------------------------------------------------------------------
+
+    async def spawn(self) -> None:
+        """Start the program and return once it runs and, with ``ready``, is ready.
+
+        Cancelled, or failing, it kills what it started and waits for it to end.
+
+        Raises:
+            OSError: the program could not be run (FileNotFoundError when it does not exist,
+                PermissionError when it is not executable); the message names it.
+            TimeoutError: the readiness check did not pass within ``ready_timeout``.
+            RuntimeError: the program ended before it was ready.
+        """
+        if self._run is not None and not self._run.ended.is_set():
+            raise RuntimeError(f"program {self.name!r} is already running")
+        run = self._run = await self._launch()
+        try:
+            await self._confirm(run)
+            if self.ready is not None:
+                await self._wait_ready(run)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self._kill(run)
+            raise
+
+    async def wait(self) -> ChildExit:
+        """Wait until the program and everything it started have ended, and say how.
+
+        Cancelling the wait changes nothing for the program.
+        """
+        run = self._run
+        if run is None:
+            raise RuntimeError(f"program {self.name!r} was never started")
+        await run.ended.wait()
+        assert run.exit is not None
+        return run.exit
+
+    async def terminate(self) -> None:
+        """Stop the program: ``stop_signal`` to its group, SIGKILL ``stop_timeout`` s later.
+
+        Returns once the program and its descendants have ended; the exit is reported with
+        ``expected=True``. If cancelled, the program is killed at once (and waited for).
+        """
+        run = self._run
+        if run is None or run.ended.is_set():
+            return
+        run.stopping = True
+        try:
+            if run.process.stdin is not None:
+                try:
+                    await run.process.stdin.send(b"s")
+                except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                    pass  # the launcher is ending already
+            with anyio.move_on_after(self.stop_timeout + STOP_MARGIN):
+                await run.ended.wait()
+        finally:
+            if not run.ended.is_set():
+                with anyio.CancelScope(shield=True):
+                    await self._kill(run)
+
+    # -- one incarnation ----------------------------------------------------------------
+
+    async def _launch(self) -> _Run:
+        status_r, status_w = os.pipe()
+        argv = [sys.executable, "-I", LAUNCHER, str(status_w), str(int(self.stop_signal)), repr(self.stop_timeout)]
+        try:
+            process = await anyio.open_process(
+                [*argv, "--", *self.argv],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                cwd=self.cwd,
+                env=self.env,
+                start_new_session=True,
+                pass_fds=(status_w,),
+            )
+        except OSError as error:
+            os.close(status_r)
+            raise type(error)(error.errno, f"program {self.name!r} could not be started: {error.strerror}") from error
+        finally:
+            os.close(status_w)
+        run = _Run(process, anyio.current_time(), status_r)
+        self.bus.start_soon(self._follow, run, name=f"aiobus program {self.name}")
+        return run
+
+    async def _confirm(self, run: _Run) -> None:
+        """Read the launcher's word: the program's pid, or why it could not be run."""
+        fd = run.status_fd
+        data = b""
+        try:
+            os.set_blocking(fd, False)
+            with anyio.move_on_after(LAUNCH_TIMEOUT) as timer:
+                while chunk := await _read_some(fd):
+                    data += chunk
+        finally:
+            os.close(fd)
+            if data.startswith(b"pid ") and data.endswith(b"\n"):
+                run.pid = int(data.split()[1])
+            run.known.set()
+        if run.pid is not None:
+            return
+        if timer.cancelled_caught:
+            raise TimeoutError(f"program {self.name!r}: its launcher said nothing within {LAUNCH_TIMEOUT:g} s")
+        await run.ended.wait()  # the launcher closed the pipe without a pid: it is ending
+        if data.startswith(b"error "):
+            _, errno, message = data.decode(errors="replace").strip().split(" ", 2)
+            raise OSError(int(errno), f"program {self.name!r} could not run {self.argv[0]!r}: {message}")
+        raise RuntimeError(f"program {self.name!r}: its launcher did not start it ({run.exit and run.exit.reason})")
+
+    async def _wait_ready(self, run: _Run) -> None:
+        ready = self.ready
+        passed = False
+        with anyio.move_on_after(self.ready_timeout):
+            async with anyio.create_task_group() as group:
+
+                async def check() -> None:
+                    nonlocal passed
+                    if isinstance(ready, PortReady):
+                        await ready.wait()
+                    else:
+                        await run.line_seen.wait()
+                    passed = True
+                    group.cancel_scope.cancel()
+
+                async def watch_end() -> None:
+                    await run.ended.wait()
+                    group.cancel_scope.cancel()
+
+                group.start_soon(check)
+                group.start_soon(watch_end)
+        if passed:
+            return
+        if run.ended.is_set():
+            assert run.exit is not None
+            raise RuntimeError(f"program {self.name!r} {run.exit.reason} before it was ready ({ready})")
+        raise TimeoutError(f"program {self.name!r} was not ready within {self.ready_timeout:g} s ({ready}): killed")
+
+    async def _kill(self, run: _Run) -> None:
+        """Kill the program's tree at once (end of the life pipe), and wait for the end."""
+        if run.process.stdin is not None:
+            await run.process.stdin.aclose()
+        with anyio.move_on_after(STOP_MARGIN):
+            await run.ended.wait()
+        if not run.ended.is_set():
+            self.bus.log(f"Program {self.name}: its launcher does not end; killing it", logging.ERROR)
+            run.process.kill()
+            await run.ended.wait()
+
+    async def _follow(self, run: _Run) -> None:
+        """Read the output and wait for the end of one incarnation; kill it if cancelled."""
+        process = run.process
+        try:
+            async with anyio.create_task_group() as group:
+                group.start_soon(self._read, run, process.stdout, "stdout")
+                group.start_soon(self._read, run, process.stderr, "stderr")
+                await process.wait()
+                run.known.set()
+                group.cancel_scope.deadline = anyio.current_time() + OUTPUT_DRAIN
+        finally:
+            with anyio.CancelScope(shield=True):
+                if process.returncode is None:  # cancelled without a stop: leave nothing behind
+                    if process.stdin is not None:
+                        await process.stdin.aclose()
+                    with anyio.move_on_after(STOP_MARGIN):
+                        await process.wait()
+                    if process.returncode is None:
+                        process.kill()
+                await process.aclose()
+            run.exit = self._exit_of(run, anyio.current_time())
+            run.ended.set()
+
+    async def _read(self, run: _Run, stream: ByteReceiveStream | None, name: str) -> None:
+        if stream is None:
+            return
+        lines = LineSplitter(self.max_line)
+        try:
+            await run.known.wait()
+            async for chunk in stream:
+                for line in lines.feed(chunk):
+                    self._emit(run, name, line)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+            pass
+        finally:
+            last = lines.flush()
+            if last is not None:
+                self._emit(run, name, last)
+
+    def _emit(self, run: _Run, stream: str, line: str) -> None:
+        self.bus.log(line, logging.INFO, program=self.name, pid=run.pid, stream=stream)
+        ready = self.ready
+        if isinstance(ready, LineReady) and ready.stream in (None, stream) and ready.regex.search(line):
+            run.line_seen.set()
+
+    def _exit_of(self, run: _Run, now: float) -> ChildExit:
+        code = run.process.returncode
+        signame = _signal_name(-code) if code is not None and code < 0 else None
+        exit_code = None if signame is not None else code
+        how = f"was killed by {signame}" if signame else f"exited with code {exit_code}"
+        if run.stopping:
+            if signame == "SIGKILL" and self.stop_signal != signal.SIGKILL:
+                reason = f"killed with SIGKILL after the {self.stop_timeout:g} s stop timeout"
+            elif signame == self.stop_signal.name:
+                reason = f"stopped with {signame}"
+            else:
+                reason = f"stopped with {self.stop_signal.name}: it {how}"
+        elif now - run.started < AT_ONCE:
+            reason = f"{how} at once ({now - run.started:.2f} s after its start)"
+        else:
+            reason = how
+        return ChildExit(self.name, run.pid, exit_code, signame, reason, expected=run.stopping)

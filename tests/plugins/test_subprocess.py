@@ -1,0 +1,510 @@
+"""Subprocess: real external programs supervised along with the bus, and nothing of them left behind."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from helpers import LogRecord, LogRecorder
+from processes import Spawner
+
+from aiobus import Bus, ChannelFailures, State, log_to_structlog
+from aiobus._supervision import ChildExit, ChildState, Supervisor, default_supervisor
+from aiobus.plugins.subprocess import LineReady, PortReady, Subprocess
+
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="process groups, /proc and a subreaper (Linux)")
+
+WAIT = 20  # seconds: a generous bound on waits that normally take a fraction of a second
+
+SLEEPER = "import os, sys, time\nprint(f'pid {os.getpid()}', flush=True)\nwhile True:\n    time.sleep(3600)\n"
+
+# The program ignores SIGTERM and starts two grandchildren that ignore it too; one of them
+# leaves the process group (setsid), so only the launcher's subreaper can find it. They share
+# the output pipes: each line is one write, so that lines do not interleave.
+FAMILY = """
+import os, signal, subprocess, sys, time
+def say(text):
+    os.write(1, (text + "\\n").encode())
+signal.signal(signal.SIGTERM, lambda *_: say(f"{os.getpid()} ignores SIGTERM"))
+GRANDCHILD = r'''
+import os, signal, sys, time
+if sys.argv[1] == "escape":
+    os.setsid()
+def say(text):
+    os.write(1, (text + "\\n").encode())
+signal.signal(signal.SIGTERM, lambda *_: say(f"{os.getpid()} ignores SIGTERM"))
+say(f"grandchild {os.getpid()} {sys.argv[1]}s")
+while True:
+    time.sleep(3600)
+'''
+for how in ("stay", "escape"):
+    subprocess.Popen([sys.executable, "-c", GRANDCHILD, how, sys.argv[1]])
+say(f"family {os.getpid()} ready")
+while True:
+    time.sleep(3600)
+"""
+
+
+def alive(pids: list[int]) -> list[int]:
+    """Those of ``pids`` still running (a zombie counts as gone)."""
+    left = []
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as file:
+                state = file.read().rsplit(")", 1)[1].split()[0]
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        if state not in ("Z", "X"):
+            left.append(pid)
+    return left
+
+
+def marked(marker: str) -> list[int]:
+    """Running processes whose command line contains ``marker``."""
+    result = subprocess.run(["pgrep", "-f", re.escape(marker)], capture_output=True, text=True)
+    return alive([int(pid) for pid in result.stdout.split()])
+
+
+def wait_gone(marker: str, pids: list[int] = []) -> None:  # noqa: B006 - never mutated
+    deadline = time.monotonic() + WAIT
+    while (marked(marker) or alive(pids)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not marked(marker), f"left running: {marked(marker)}"
+    assert not alive(pids), f"left running: {alive(pids)}"
+
+
+@pytest.fixture
+def where(tmp_path: Path) -> Iterator[Path]:
+    """A directory whose path marks every program of the test; none may be left running at its end."""
+    yield tmp_path
+    left = marked(str(tmp_path))
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert not left, f"the test left processes running: {left}"
+
+
+def script(where: Path, name: str, code: str) -> list[str]:
+    path = where / f"{name}.py"
+    path.write_text(code)
+    return [sys.executable, str(path), str(where)]
+
+
+def lines(records: list[LogRecord], program: str, stream: str | None = None) -> list[str]:
+    return [
+        r.msg
+        for r in records
+        if r.fields.get("program") == program and (stream is None or r.fields.get("stream") == stream)
+    ]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def logged(bus: Bus, recorder: LogRecorder, text: str, count: int) -> None:
+    """Wait until ``count`` messages containing ``text`` have been logged."""
+    enough = anyio.Event()
+
+    def check(msg: str, level: int, **fields: Any) -> None:
+        if len(recorder.matching(text)) >= count:
+            enough.set()
+
+    bus.subscribe("log", check, priority=1000)  # after the recorder
+    try:
+        check("", 0)
+        with anyio.fail_after(WAIT):
+            await enough.wait()
+    finally:
+        bus.unsubscribe("log", check)
+
+
+class Exits:
+    """A ``child_exit`` listener that keeps what it is sent."""
+
+    def __init__(self) -> None:
+        self.exits: list[ChildExit] = []
+        self.changed = anyio.Event()
+
+    def __call__(self, exit: ChildExit) -> None:
+        self.exits.append(exit)
+        self.changed.set()
+
+    async def wait_for(self, count: int = 1) -> list[ChildExit]:
+        """Wait until ``count`` exits have been published, and return them all."""
+        with anyio.fail_after(WAIT):
+            while len(self.exits) < count:
+                self.changed = anyio.Event()
+                await self.changed.wait()
+        return self.exits
+
+
+@asynccontextmanager
+async def quiet_bus() -> AsyncIterator[tuple[Bus, LogRecorder, Exits]]:
+    """A bus whose log goes to a recorder (not to structlog), and a recorder of child exits."""
+    async with Bus() as bus:
+        recorder, exits = LogRecorder(), Exits()
+        bus.unsubscribe("log", log_to_structlog)
+        bus.subscribe("log", recorder)
+        bus.subscribe("child_exit", exits)
+        yield bus, recorder, exits
+
+
+class TestConstruction:
+    def test_argv_as_one_string_is_a_type_error(self) -> None:
+        """A command line given as a single string is refused: argv is a list."""
+        with pytest.raises(TypeError, match="argv"):
+            Subprocess(Bus(), "p", "sleep 1")
+
+    def test_empty_argv_is_a_value_error(self) -> None:
+        """An empty argv names no program."""
+        with pytest.raises(ValueError, match="argv"):
+            Subprocess(Bus(), "p", [])
+
+    @pytest.mark.parametrize(
+        ("option", "value"),
+        [("stop_timeout", -1), ("stop_timeout", float("inf")), ("ready_timeout", 0), ("max_line", 0)],
+    )
+    def test_bad_numbers_are_value_errors_naming_them(self, option: str, value: Any) -> None:
+        """Timeouts and the line limit out of range are refused, and the message names the option."""
+        with pytest.raises(ValueError, match=option):
+            Subprocess(Bus(), "p", ["true"], **{option: value})
+
+    def test_unknown_stop_signal_is_a_value_error(self) -> None:
+        """A stop signal that is no signal is refused."""
+        with pytest.raises(ValueError, match="stop_signal"):
+            Subprocess(Bus(), "p", ["true"], stop_signal=12345)
+
+    def test_unknown_readiness_check_is_a_type_error(self) -> None:
+        """ready takes a PortReady or a LineReady only."""
+        with pytest.raises(TypeError, match="ready"):
+            Subprocess(Bus(), "p", ["true"], ready=8080)  # type: ignore[arg-type]
+
+    @pytest.mark.parametrize("port", [0, 65536, "80", True])
+    def test_port_out_of_range_is_a_value_error(self, port: Any) -> None:
+        """PortReady takes a TCP port from 1 to 65535."""
+        with pytest.raises(ValueError, match="port"):
+            PortReady(port)
+
+    def test_invalid_pattern_is_a_value_error(self) -> None:
+        """LineReady compiles its pattern at once and names it when it is invalid."""
+        with pytest.raises(ValueError, match=re.escape("'(unclosed'")):
+            LineReady("(unclosed")
+
+    def test_subscribe_joins_the_default_supervisor_once(self) -> None:
+        """subscribe() lists the program among the bus's children, once; unsubscribe() takes it out."""
+        bus = Bus()
+        program = Subprocess(bus, "p", ["true"])
+        program.subscribe()
+        program.subscribe()
+        [info] = default_supervisor(bus).children()
+        assert (info.name, info.kind, info.state, info.pid) == ("p", "program", ChildState.STOPPED, None)
+        program.unsubscribe()
+        assert default_supervisor(bus).children() == []
+
+
+class TestOutput:
+    async def test_chatty_program_is_read_whole_on_both_streams(self, where: Path) -> None:
+        """Tens of thousands of lines on stdout and stderr all arrive in order, the last ones without a newline."""
+        count = 20000
+        code = (
+            "import sys\n"
+            f"for i in range({count}):\n"
+            "    sys.stdout.write(f'out {i}\\n')\n"
+            "    sys.stderr.write(f'err {i}\\n')\n"
+            "sys.stdout.write('last out')\n"
+            "sys.stderr.write('last err')\n"
+        )
+        async with quiet_bus() as (bus, recorder, exits):
+            Subprocess(bus, "chatty", script(where, "chatty", code), restart="temporary").subscribe()
+            await bus.start()
+            [exit] = await exits.wait_for()
+        assert exit.exit_code == 0
+        assert lines(recorder.records, "chatty", "stdout") == [f"out {i}" for i in range(count)] + ["last out"]
+        assert lines(recorder.records, "chatty", "stderr") == [f"err {i}" for i in range(count)] + ["last err"]
+        assert {r.fields["pid"] for r in recorder.records if r.fields.get("program") == "chatty"} == {exit.pid}
+
+    async def test_long_line_is_cut_with_a_marker(self, where: Path) -> None:
+        """A line longer than max_line keeps its first max_line bytes and says how many were cut."""
+        code = "import sys\nsys.stdout.write('x' * 200000 + '\\n' + 'after\\n')\n"
+        async with quiet_bus() as (bus, recorder, exits):
+            Subprocess(bus, "long", script(where, "long", code), restart="temporary", max_line=1000).subscribe()
+            await bus.start()
+            await exits.wait_for()
+        assert lines(recorder.records, "long") == ["x" * 1000 + "… [cut: 199000 bytes]", "after"]
+
+    async def test_invalid_utf8_is_replaced_and_reading_goes_on(self, where: Path) -> None:
+        """Bytes that are not UTF-8 become replacement characters; the lines around them are intact."""
+        code = (
+            "import sys\nsys.stdout.buffer.write(b'bad \\xff\\xfe bytes\\n' + 'caf\\u00e9\\n'.encode() + b'end\\n')\n"
+        )
+        async with quiet_bus() as (bus, recorder, exits):
+            Subprocess(bus, "bytes", script(where, "bytes", code), restart="temporary").subscribe()
+            await bus.start()
+            await exits.wait_for()
+        assert lines(recorder.records, "bytes") == ["bad \ufffd\ufffd bytes", "café", "end"]
+
+
+class TestReadiness:
+    async def test_http_server_is_started_once_its_port_accepts(self, where: Path) -> None:
+        """http.server behind a PortReady check answers a real HTTP request as soon as bus.start() returns."""
+        port = free_port()
+        (where / "hello.txt").write_text("hello from aiobus")
+        argv = [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", str(where)]
+        async with quiet_bus() as (bus, recorder, exits):
+            Subprocess(bus, "web", argv, ready=PortReady(port)).subscribe()
+            await bus.start()
+            url = f"http://127.0.0.1:{port}/hello.txt"
+            body = await anyio.to_thread.run_sync(lambda: urllib.request.urlopen(url, timeout=WAIT).read())
+            assert body == b"hello from aiobus"
+            await recorder.wait_for("GET /hello.txt", WAIT)  # http.server logs each request on stderr
+        assert [(e.name, e.expected) for e in exits.exits] == [("web", True)]
+
+    async def test_next_program_starts_only_after_the_ready_line(self, where: Path) -> None:
+        """With LineReady, the program after it in the group starts once the line was printed, not before."""
+        first = (
+            "import sys, time, pathlib\nprint('warming up', flush=True)\ntime.sleep(0.5)\n"
+            "pathlib.Path(sys.argv[1], 'first.ready').touch()\nprint('READY to serve', flush=True)\n" + SLEEPER
+        )
+        second = "import sys, pathlib\nprint('first was ready:', pathlib.Path(sys.argv[1], 'first.ready').exists())\n"
+        async with quiet_bus() as (bus, recorder, _):
+            Subprocess(bus, "first", script(where, "first", first), ready=LineReady(r"^READY\b")).subscribe()
+            Subprocess(bus, "second", script(where, "second", second + SLEEPER)).subscribe()
+            await bus.start()
+            await recorder.wait_for("first was ready:", WAIT)
+        assert lines(recorder.records, "second")[0] == "first was ready: True"
+
+    async def test_readiness_timeout_fails_the_start_and_kills_the_program(self, where: Path) -> None:
+        """A check that does not pass in time makes bus.start() fail with a TimeoutError, and the program dies."""
+        async with quiet_bus() as (bus, _, _):
+            program = Subprocess(
+                bus, "mute", script(where, "mute", SLEEPER), ready=LineReady("never printed"), ready_timeout=0.5
+            )
+            program.subscribe()
+            with pytest.raises(ChannelFailures) as info:
+                await bus.start()
+            assert not marked(str(where))  # killed, and waited for, before start() raised
+        [error] = info.value.exceptions
+        assert isinstance(error, TimeoutError)
+        assert "'mute' was not ready within 0.5 s" in str(error)
+
+    async def test_program_ending_before_it_is_ready_fails_the_start(self, where: Path) -> None:
+        """A program that exits before its check passes makes bus.start() fail, saying how it ended."""
+        async with quiet_bus() as (bus, _, _):
+            argv = [sys.executable, "-c", "raise SystemExit(5)", str(where)]
+            Subprocess(bus, "quitter", argv, ready=LineReady("ready")).subscribe()
+            with pytest.raises(ChannelFailures) as info:
+                await bus.start()
+        [error] = info.value.exceptions
+        assert isinstance(error, RuntimeError)
+        assert "'quitter' exited with code 5" in str(error)
+        assert "before it was ready" in str(error)
+
+
+class TestStopping:
+    async def test_stop_signal_reaches_the_group_then_sigkill_after_the_timeout(self, where: Path) -> None:
+        """SIGTERM goes to the program's group; as they ignore it, SIGKILL follows stop_timeout later, to all."""
+        async with quiet_bus() as (bus, recorder, exits):
+            Subprocess(
+                bus, "family", script(where, "family", FAMILY), stop_timeout=2.0, ready=LineReady("ready")
+            ).subscribe()
+            await bus.start()
+            await logged(bus, recorder, "grandchild", 2)
+            grandchildren = [int(r.msg.split()[1]) for r in recorder.matching("grandchild")]
+            [program] = [int(line.split()[1]) for line in lines(recorder.records, "family") if "ready" in line]
+            began = time.monotonic()
+            await bus.stop()
+            took = time.monotonic() - began
+        ignored = {int(r.msg.split()[0]) for r in recorder.matching("ignores SIGTERM")}
+        [stays] = [int(r.msg.split()[1]) for r in recorder.matching("grandchild") if r.msg.endswith("stays")]
+        assert ignored == {program, stays}  # the one that left the group with setsid is killed only
+        assert took >= 2.0
+        [exit] = exits.exits
+        assert (exit.pid, exit.signal, exit.expected) == (program, "SIGKILL", True)
+        assert "stop timeout" in exit.reason
+        assert not alive([program, *grandchildren])
+
+    async def test_leftovers_of_a_program_that_ended_are_stopped(self, where: Path) -> None:
+        """When a program ends on its own, what it left running is stopped before its exit is reported."""
+        code = (
+            "import subprocess, sys\n"
+            "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(3600)', sys.argv[1]])\n"
+            "print(f'left {child.pid}', flush=True)\n"
+        )
+        async with quiet_bus() as (bus, recorder, exits):
+            Subprocess(bus, "leaver", script(where, "leaver", code), restart="temporary").subscribe()
+            await bus.start()
+            [exit] = await exits.wait_for()
+            [left] = [int(line.split()[1]) for line in lines(recorder.records, "leaver")]
+            assert exit.exit_code == 0
+            assert not alive([left])
+
+    async def test_no_restart_while_a_stop_is_under_way(self, where: Path) -> None:
+        """A program that crashes while the bus is stopping is not restarted (circus#529)."""
+        crasher = (
+            "import os, sys, time, pathlib\nwhere = pathlib.Path(sys.argv[1])\n"
+            "with open(where / 'crasher.runs', 'a') as f: f.write('run\\n')\n"
+            "print('up', flush=True)\n"
+            "while not (where / 'crash-now').exists(): time.sleep(0.01)\n"
+            "(where / 'crashed').touch()\nraise SystemExit(3)\n"
+        )
+        slow = (
+            "import signal, sys, time, pathlib\nwhere = pathlib.Path(sys.argv[1])\n"
+            "def stop(*_):\n"
+            "    (where / 'crash-now').touch()\n"
+            "    while not (where / 'crashed').exists(): time.sleep(0.01)\n"
+            "    time.sleep(1)\n"
+            "    sys.exit(0)\n"
+            "signal.signal(signal.SIGTERM, stop)\nprint('up', flush=True)\n"
+            "while True: time.sleep(3600)\n"
+        )
+        async with quiet_bus() as (bus, recorder, exits):
+            Subprocess(bus, "crasher", script(where, "crasher", crasher), ready=LineReady("up")).subscribe()
+            Subprocess(bus, "slow", script(where, "slow", slow), ready=LineReady("up")).subscribe()
+            await bus.start()
+            await bus.stop()
+            assert bus.state is State.STOPPED
+        assert (where / "crasher.runs").read_text() == "run\n"
+        assert len(recorder.matching("Child crasher started")) == 1
+        crash = next(e for e in exits.exits if e.name == "crasher")
+        assert (crash.exit_code, crash.expected) == (3, False)
+
+
+class TestBadInput:
+    async def test_missing_command_fails_bus_start_with_a_clear_error(self, where: Path) -> None:
+        """A command that does not exist makes bus.start() fail with FileNotFoundError naming it; all is logged."""
+        async with quiet_bus() as (bus, recorder, exits):
+            Subprocess(bus, "ghost", [str(where / "no-such-program")]).subscribe()
+            with pytest.raises(ChannelFailures) as info:
+                await bus.start()
+            assert bus.state is State.EXITING
+            assert bus.exit_code == 70
+        [error] = info.value.exceptions
+        assert isinstance(error, FileNotFoundError)
+        assert "'ghost'" in str(error) and "no-such-program" in str(error)
+        [exit] = exits.exits
+        assert exit.name == "ghost" and exit.reason.startswith("could not start")
+        assert "No such file or directory" in exit.reason
+        assert recorder.matching("Child ghost could not start")
+
+    async def test_command_not_on_path_fails_with_file_not_found(self, where: Path) -> None:
+        """A bare command name is looked up on PATH; not found there, the start fails clearly."""
+        async with quiet_bus() as (bus, _, _):
+            Subprocess(bus, "nope", ["aiobus-no-such-command", str(where)]).subscribe()
+            with pytest.raises(ChannelFailures) as info:
+                await bus.start()
+        [error] = info.value.exceptions
+        assert isinstance(error, FileNotFoundError) and "aiobus-no-such-command" in str(error)
+
+    async def test_file_that_is_not_executable_fails_with_permission_error(self, where: Path) -> None:
+        """A file without execute permission makes bus.start() fail with PermissionError naming it."""
+        path = where / "script.sh"
+        path.write_text("#!/bin/sh\necho hello\n")
+        path.chmod(stat.S_IRUSR | stat.S_IWUSR)
+        async with quiet_bus() as (bus, _, exits):
+            Subprocess(bus, "noexec", [str(path)]).subscribe()
+            with pytest.raises(ChannelFailures) as info:
+                await bus.start()
+        [error] = info.value.exceptions
+        assert isinstance(error, PermissionError) and "script.sh" in str(error)
+        assert "Permission denied" in exits.exits[0].reason
+
+    async def test_program_exiting_at_once_is_published_with_its_reason(self, where: Path) -> None:
+        """A program that exits right after its start is reported as such, and its policy decides (here: none)."""
+        async with quiet_bus() as (bus, recorder, exits):
+            argv = [sys.executable, "-c", "raise SystemExit(4)", str(where)]
+            program = Subprocess(bus, "brief", argv, restart="temporary")
+            program.subscribe()
+            await bus.start()
+            [exit] = await exits.wait_for()
+            assert bus.state is State.STARTED
+            assert program.state is ChildState.EXITED
+        assert exit.exit_code == 4 and "at once" in exit.reason
+        assert recorder.matching("Child brief ended: exited with code 4 at once")
+
+
+SERVICE = """
+import os, sys
+import anyio
+from aiobus import Bus, configure_logging
+from aiobus.plugins.subprocess import LineReady, Subprocess
+
+MODE, MARK = sys.argv[1], sys.argv[2]
+
+async def main() -> int:
+    async with Bus() as bus:
+        if MODE == "crash":
+            Subprocess(bus, "crasher", [sys.executable, "-c", "raise SystemExit(3)", MARK]).subscribe()
+        else:
+            sleep = "import time\\nprint('sleeper up', flush=True)\\nwhile True: time.sleep(3600)"
+            Subprocess(bus, "sleeper", [sys.executable, "-c", sleep, MARK], ready=LineReady("up")).subscribe()
+            Subprocess(bus, "family", [sys.executable, "-c", os.environ["FAMILY"], MARK]).subscribe()
+        await bus.start()
+        await bus.block()
+    return bus.exit_code
+
+if __name__ == "__main__":
+    configure_logging(format="json")
+    raise SystemExit(anyio.run(main))
+"""
+
+
+class TestSupervisingProcess:
+    def test_program_crashing_at_once_exceeds_the_intensity_and_the_bus_exits_70(
+        self, spawn: Spawner, where: Path
+    ) -> None:
+        """A permanent program that crashes at once is restarted with backoff until the intensity gives up: exit 70."""
+        child = spawn.script(SERVICE, "crash", str(where / "mark"))
+        assert child.wait(timeout=WAIT * 3) == 70, child.output
+        events = child.events()
+        ended = [e for e in events if e["event"].startswith("Child crasher ended")]
+        assert len(ended) == 4 and all(e["exit_code"] == 3 and "at once" in e["reason"] for e in ended)
+        [gave_up] = [e for e in events if e["event"].startswith("Restart intensity exceeded")]
+        assert gave_up["level"] == "error" and "more than 3 restarts" in gave_up["reason"]
+        wait_gone(str(where))
+
+    def test_sigkill_of_the_supervising_process_leaves_nothing_behind(self, spawn: Spawner, where: Path) -> None:
+        """SIGKILL of the supervisor ends its programs and their grandchildren, even one that left the group."""
+        mark = str(where / "mark")
+        child = spawn.script(SERVICE, "orphans", mark, env={"FAMILY": FAMILY})
+        child.wait_for("sleeper up", timeout=WAIT)
+        child.wait_for("grandchild", timeout=WAIT, count=2)
+        child.wait_for("Bus STARTED", timeout=WAIT)
+        pids = [e["pid"] for e in child.events() if "program" in e]
+        pids += [int(e["event"].split()[1]) for e in child.events() if e["event"].startswith("grandchild")]
+        assert len(marked(mark)) >= 6  # two launchers, two programs, two grandchildren
+        child.send(signal.SIGKILL)
+        child.wait()
+        wait_gone(mark, pids)
+
+
+def test_a_program_runs_and_stops_on_trio(where: Path) -> None:
+    """On trio too the output is logged and a stop ends the program with its stop signal."""
+
+    async def cycle() -> tuple[list[str], list[ChildExit]]:
+        async with quiet_bus() as (bus, recorder, exits):
+            group = Supervisor(bus)
+            group.subscribe()
+            argv = [sys.executable, "-c", "print('hello from trio', flush=True)\n" + SLEEPER, str(where)]
+            Subprocess(bus, "trio", argv, ready=LineReady("hello"), supervisor=group).subscribe()
+            await bus.start()
+        return lines(recorder.records, "trio"), exits.exits
+
+    output, exits = anyio.run(cycle, backend="trio")
+    assert output[0] == "hello from trio"
+    [exit] = exits
+    assert (exit.signal, exit.expected, exit.reason) == ("SIGTERM", True, "stopped with SIGTERM")
