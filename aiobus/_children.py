@@ -158,8 +158,11 @@ class ChildBroker(Child):
         """Send ``obj`` to the child.
 
         If the child is down or restarting, waits for the next incarnation up to
-        ``send_timeout`` seconds; a message is never dropped silently. Returns once the
-        message is queued on the link (it waits while the link is full).
+        ``send_timeout`` seconds. Returns once the message is queued on the link (it
+        waits while the link is full). A message is never dropped silently: one sent
+        as the child dies, and not yet received by it, may die with it, and the child's
+        exit (its ``reason``, published on ``child_exit``) says how many such messages
+        were not acknowledged.
 
         Raises:
             ChildUnavailable: no incarnation came up in time, or it went away first.
@@ -168,13 +171,14 @@ class ChildBroker(Child):
         with anyio.move_on_after(self.send_timeout):
             while self._data is None:
                 await self._changed.wait()
-        data = self._data
-        if data is None:
+        data, incarnation = self._data, self._incarnation
+        if data is None or incarnation is None:
             raise ChildUnavailable(f"child {self.name!r} is not running (waited {self.send_timeout:g} s)")
         try:
             await data.send(obj)
         except (anyio.ClosedResourceError, anyio.BrokenResourceError) as error:
             raise ChildUnavailable(f"child {self.name!r} went away before the message was queued") from error
+        incarnation.sent += 1
 
     async def receive(self) -> Any:
         """The next message from the child, from whichever incarnation sent it.
@@ -264,6 +268,8 @@ class _Incarnation:
         self.pid: int | None = None
         self.control: Link | None = None
         self.undelivered = 0
+        self.sent = 0  # messages accepted by send() for this incarnation
+        self.received = 0  # of those, how many the child said it had received
         self._process: Process | None = None
         self._popen: Any = None
         self._scope = anyio.CancelScope()
@@ -356,6 +362,7 @@ class _Incarnation:
         kind = message[0]
         if kind == "tick":
             self.last_beat = time.monotonic()
+            self.received = max(self.received, int(message[1]))
         elif kind == "log":
             event = dict(message[1])
             text = str(event.pop("event", ""))
@@ -458,8 +465,13 @@ class _Incarnation:
             reason = self.killed_by
         elif self.killed_by is not None:
             reason = f"{reason} ({self.killed_by})"
-        if self.undelivered:
-            reason = f"{reason}; {self.undelivered} message(s) sent to it were never delivered"
+        unacknowledged = self.sent - self.received
+        if unacknowledged > 0:
+            # Written or not, these may have died with the child: never silently.
+            reason = (
+                f"{reason}; {unacknowledged} message(s) sent to it were not acknowledged "
+                f"({self.undelivered} never written): they may be lost"
+            )
         self.exit = ChildExit(self.child.name, self.pid, code, sig, reason, expected=self.stopping)
         self.child._pid = None
         self.child._set_data(None)

@@ -3,9 +3,9 @@
 :func:`run_child` is the function handed to ``anyio.to_process.run_sync``. In the
 worker (a fresh interpreter) it:
 
-1. asks the kernel to kill it if the parent dies (Linux ``PR_SET_PDEATHSIG``), and
-   leaves the parent's process group, so that a terminal Ctrl-C reaches the parent
-   only: the parent drives the shutdown;
+1. kills itself as soon as the parent dies (a thread waits on a pidfd of the
+   parent), and leaves the parent's process group, so that a terminal Ctrl-C
+   reaches the parent only: the parent drives the shutdown;
 2. connects twice to the parent's private listener, presenting the token: a control
    link (logs, heartbeats, stop and graceful) and a data link (the user's messages);
 3. forwards everything the child logs (structlog, ``print``, ``sys.stderr``) over the
@@ -18,13 +18,13 @@ worker (a fresh interpreter) it:
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import io
 import logging
 import os
+import select
 import signal
 import sys
+import threading
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any, NoReturn
 
@@ -36,7 +36,6 @@ from ._link import EndOfLink, Link
 from ._private import connect_private
 from ._state import State
 
-PR_SET_PDEATHSIG = 1
 EXIT_FAILED = 1
 
 
@@ -55,6 +54,8 @@ class ParentLink:
     def __init__(self, link: Link) -> None:
         self._link = link
         self._ended = False
+        #: How many messages from the parent this child has received.
+        self.received = 0
 
     async def send(self, obj: Any) -> None:
         """Send ``obj`` to the parent (see :meth:`aiobus.Link.send`)."""
@@ -72,6 +73,7 @@ class ParentLink:
         if isinstance(message, EndOfInput):
             self._ended = True
             raise EndOfLink
+        self.received += 1
         return message
 
     def __aiter__(self) -> ParentLink:
@@ -108,11 +110,24 @@ def _die_with_parent(parent_pid: int) -> None:
         os.setpgid(0, 0)
     except OSError:
         pass
-    if sys.platform == "linux":
-        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() != parent_pid:  # the parent died before the request took hold
+    if os.getppid() != parent_pid:  # the parent died already
         os._exit(EXIT_FAILED)
+    # Not PR_SET_PDEATHSIG: it fires when the parent's *thread* that forked ends, and
+    # trio starts processes from worker threads that end when idle.
+    threading.Thread(target=_watch_parent, args=(parent_pid,), name="aiobus parent watch", daemon=True).start()
+
+
+def _watch_parent(parent_pid: int) -> None:
+    """Kill this process as soon as the parent has died, even if its event loop is blocked."""
+    try:
+        fd = os.pidfd_open(parent_pid)
+    except (AttributeError, OSError):  # not Linux 5.3+, or the parent is gone already
+        idle = threading.Event()
+        while os.getppid() == parent_pid:
+            idle.wait(0.1)
+    else:
+        select.select([fd], [], [])  # readable once the parent has exited
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 async def _child_main(
@@ -124,14 +139,19 @@ async def _child_main(
         _forward_output(control, name)
         control.send_nowait(("hello", os.getpid()))
         async with Bus(main_interval=main_interval) as bus:
+            bus.start_soon(_forward_fd2, control)
             stop_requested = anyio.Event()
-            bus.subscribe("main", lambda: _send_quietly(control, ("tick",)))
+            link = ParentLink(data)
+            # A heartbeat says how many messages the child has taken so far: the parent
+            # can then tell which of those it sent may have died with the child.
+            bus.subscribe("main", lambda: _send_quietly(control, ("tick", link.received)))
             bus.start_soon(_read_control, control, bus, stop_requested)
             bus.start_soon(_exit_on_sigterm, bus)
             await bus.start()
             await control.send(("ready",))
-            code = await _run_user(fn, bus, ParentLink(data), stop_requested)
+            code = await _run_user(fn, bus, link, stop_requested)
             await bus.exit()
+        await control.send(("tick", link.received))
         await control.drain()
         return code or bus.exit_code
 
@@ -228,6 +248,32 @@ def _forward_output(control: Link, name: str) -> None:
     )
     sys.stdout = _ForwardingWriter(control, "stdout")
     sys.stderr = _ForwardingWriter(control, "stderr")
+
+
+async def _forward_fd2(control: Link) -> None:
+    """What is written to descriptor 2 (C code, faulthandler) goes to the parent as log lines.
+
+    anyio's worker leaves descriptor 2 on a pipe nobody reads: a chatty C library
+    would block there, and its lines would be lost.
+    """
+    read_fd, write_fd = os.pipe()
+    os.dup2(write_fd, 2)
+    os.close(write_fd)
+    os.set_blocking(read_fd, False)
+    writer = _ForwardingWriter(control, "stderr")
+    try:
+        while True:
+            await anyio.wait_readable(read_fd)
+            try:
+                chunk = os.read(read_fd, 65536)
+            except BlockingIOError:
+                continue
+            if not chunk:
+                return
+            writer.write(chunk.decode(errors="replace"))
+    finally:
+        writer.flush()
+        os.close(read_fd)
 
 
 def _plain(event: MutableMapping[str, Any]) -> dict[str, Any]:

@@ -33,6 +33,7 @@ async def count(bus: Bus, link: ParentLink) -> None:
 
 async def report_pid(bus: Bus, link: ParentLink) -> None:
     """Say which process runs this incarnation, then serve until stopped."""
+    os.write(2, b"written to descriptor 2\n")  # as C code would
     await link.send(("pid", os.getpid()))
     structlog.get_logger("child").warning("a structlog warning", answer=42)
 
@@ -69,3 +70,9 @@ async def exits_itself(bus: Bus, link: ParentLink) -> None:
 async def fails(bus: Bus, link: ParentLink) -> None:
     """Raise right away."""
     raise RuntimeError("the broker could not connect to the exchange")
+
+
+async def ignores_input(bus: Bus, link: ParentLink) -> None:
+    """Say which process runs this incarnation, then never read a message."""
+    await link.send(("pid", os.getpid()))
+    await anyio.sleep_forever()

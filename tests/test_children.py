@@ -27,7 +27,7 @@ from aiobus import (
     Supervisor,
 )
 
-pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="parent-death signal and /proc (Linux)")
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="pidfd and /proc (Linux)")
 
 
 def alive(pid: int) -> bool:
@@ -88,6 +88,8 @@ class TestMessages:
             await log_recorder.wait_for("child graceful ran", seconds=30)
             [warning] = log_recorder.matching("a structlog warning")
             assert warning.fields["answer"] == 42 and warning.fields["child"] == "worker"
+            await log_recorder.wait_for("written to descriptor 2", seconds=30)
+            assert log_recorder.matching("written to descriptor 2")[0].fields["stream"] == "stderr"
 
     async def test_send_while_the_child_restarts_reaches_the_next_incarnation(self) -> None:
         """A message sent while a permanent child is down waits for the restarted child and is delivered."""
@@ -95,14 +97,38 @@ class TestMessages:
             broker = ChildBroker(bus, "echo", child_functions.echo)
             broker.subscribe()
             await bus.start()
+            ended = anyio.Event()
+            bus.subscribe(CHILD_EXIT_CHANNEL, lambda exit: ended.set())
             first = broker.pid
             assert first is not None
             os.kill(first, signal.SIGKILL)
-            await wait_gone(first)
             with anyio.fail_after(30):
+                await ended.wait()  # the parent knows: the child is down, restarting
                 await broker.send("after the crash")
                 assert await broker.receive() == ("echo", "after the crash")
             assert broker.pid not in (None, first)
+
+    async def test_messages_that_die_with_the_child_are_reported_in_its_exit(self) -> None:
+        """Messages the child never received before it was killed are counted in its published exit."""
+        exits: list[ChildExit] = []
+        ended = anyio.Event()
+
+        def record(exit: ChildExit) -> None:
+            exits.append(exit)
+            ended.set()
+
+        async with Bus() as bus:
+            bus.subscribe(CHILD_EXIT_CHANNEL, record)
+            broker = ChildBroker(bus, "deaf", child_functions.ignores_input, restart="temporary")
+            broker.subscribe()
+            await bus.start()
+            _, pid = await broker.receive()
+            for number in range(5):
+                await broker.send(number)
+            os.kill(pid, signal.SIGKILL)
+            with anyio.fail_after(30):
+                await ended.wait()
+        assert "5 message(s) sent to it were not acknowledged" in exits[0].reason
 
     async def test_send_to_a_child_that_stays_down_raises(self) -> None:
         """send() to a temporary child that was killed waits send_timeout, then raises ChildUnavailable."""
@@ -238,21 +264,22 @@ async def main() -> int:
 
 if __name__ == "__main__":
     configure_logging(format="json")
-    raise SystemExit(anyio.run(main))
+    raise SystemExit(anyio.run(main, backend=os.environ.get("BACKEND", "asyncio")))
 """
 
 
 class TestProcesses:
-    def start_parent(self, spawn: Spawner) -> tuple[Any, int]:
+    def start_parent(self, spawn: Spawner, backend: str = "asyncio") -> tuple[Any, int]:
         tests = os.path.dirname(os.path.abspath(__file__))
-        parent = spawn.script(PARENT.format(tests=tests))
+        parent = spawn.script(PARENT.format(tests=tests), env={"BACKEND": backend})
         parent.wait_for("child running")
         [event] = [e for e in parent.events() if e["event"] == "child running"]
         return parent, int(event["child_pid"])
 
-    def test_parent_killed_with_sigkill_leaves_no_child(self, spawn: Spawner) -> None:
-        """SIGKILL to the parent ends its child too (parent-death signal), within a second or so."""
-        parent, child = self.start_parent(spawn)
+    @pytest.mark.parametrize("backend", ["asyncio", "trio"])
+    def test_parent_killed_with_sigkill_leaves_no_child(self, spawn: Spawner, backend: str) -> None:
+        """SIGKILL to the parent ends its child too, within a second or so (here bounded at 10 s)."""
+        parent, child = self.start_parent(spawn, backend)
         assert alive(child)
         parent.send(signal.SIGKILL)
         parent.wait()
@@ -271,9 +298,10 @@ class TestProcesses:
         assert not alive(child)
         parent.assert_nothing_left()
 
-    def test_sigterm_stops_parent_and_child_with_code_0(self, spawn: Spawner) -> None:
+    @pytest.mark.parametrize("backend", ["asyncio", "trio"])
+    def test_sigterm_stops_parent_and_child_with_code_0(self, spawn: Spawner, backend: str) -> None:
         """SIGTERM to the parent stops the child first, then the parent exits 0."""
-        parent, child = self.start_parent(spawn)
+        parent, child = self.start_parent(spawn, backend)
         parent.send(signal.SIGTERM)
         assert parent.wait() == 0, parent.output
         assert not alive(child)
