@@ -24,7 +24,7 @@ import os
 import signal
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -32,7 +32,7 @@ import anyio.to_process
 from anyio.abc import Process
 
 from ._bus import Bus
-from ._link import EndOfLink, Link, UndeliveredMessages
+from ._link import EndOfLink, Link, LinkOptions, UndeliveredMessages, check_link_options
 from ._private import PrivateListener
 from ._supervision import Child, ChildExit, ChildState, Restart, Supervisor, default_supervisor
 from ._worker import EndOfInput, ParentLink, run_child
@@ -95,6 +95,12 @@ class ChildBroker(Child):
         heartbeat_misses: main ticks the child may miss before it counts as hung and is
             killed (its policy then applies); None disables hang detection.
         main_interval: the child bus's main interval; the parent's by default.
+        max_frame_size: the largest message (pickled) on the link, both ways; a larger
+            one is an error at ``send`` (FrameTooLarge) and nothing else is lost.
+        high_water: bytes queued on the link before ``send`` waits (backpressure).
+
+    ``fn`` may also be a class whose constructor takes ``(bus, link)`` and whose async
+    ``run()`` method is the child's body.
     """
 
     kind = "broker"
@@ -103,7 +109,7 @@ class ChildBroker(Child):
         self,
         bus: Bus,
         name: str,
-        fn: Callable[[Bus, ParentLink], Awaitable[Any]],
+        fn: Callable[[Bus, ParentLink], Any],
         *,
         restart: Restart | str = Restart.PERMANENT,
         supervisor: Supervisor | None = None,
@@ -113,6 +119,8 @@ class ChildBroker(Child):
         send_timeout: float = 10.0,
         heartbeat_misses: int | None = 20,
         main_interval: float | None = None,
+        max_frame_size: int = 16 * 2**20,
+        high_water: int = 2**20,
     ) -> None:
         super().__init__(name, restart)
         if not callable(fn):
@@ -131,6 +139,8 @@ class ChildBroker(Child):
         self.send_timeout = send_timeout
         self.heartbeat_misses = heartbeat_misses
         self.main_interval = bus.main_interval if main_interval is None else main_interval
+        self.link_options = LinkOptions(max_frame_size=max_frame_size, high_water=high_water)
+        check_link_options(**self.link_options)
         self._limiter = anyio.CapacityLimiter(1)
         self._pid: int | None = None
         self._process: Process | None = None
@@ -282,8 +292,8 @@ class _Incarnation:
                 async with anyio.create_task_group() as group:
                     async with PrivateListener(log=self.bus.log) as listener:
                         group.start_soon(self._run_worker, listener.address, listener.token)
-                        control = await self._accept(listener)
-                        data = await self._accept(listener)
+                        control = await self._accept(listener, LinkOptions())
+                        data = await self._accept(listener, self.child.link_options)
                     try:
                         async with control, data:
                             await self._serve(control, data)
@@ -297,7 +307,7 @@ class _Incarnation:
         finally:
             self._finish()
 
-    async def _accept(self, listener: PrivateListener) -> Link:
+    async def _accept(self, listener: PrivateListener, options: LinkOptions) -> Link:
         """The next link from the worker; fails at once if the worker ends before it connects."""
         link: Link | None = None
         error: BaseException | None = None
@@ -309,7 +319,7 @@ class _Incarnation:
 
             race.start_soon(stop_when_worker_ends)
             try:
-                link = await listener.accept(timeout=self.child.start_timeout)
+                link = await listener.accept(timeout=self.child.start_timeout, **options)
             except TimeoutError as timeout:
                 error = timeout
             race.cancel_scope.cancel()
@@ -394,6 +404,7 @@ class _Incarnation:
                 child.name,
                 os.getpid(),
                 child.main_interval,
+                child.link_options,
                 cancellable=True,
                 limiter=child._limiter,
             )

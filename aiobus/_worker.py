@@ -11,7 +11,8 @@ worker (a fresh interpreter) it:
 3. forwards everything the child logs (structlog, ``print``, ``sys.stderr``) over the
    control link, so nothing is lost in the worker's ``/dev/null``;
 4. runs a :class:`~aiobus.Bus`, starts it, reports ready, and awaits the user's
-   function ``fn(bus, link)``; a main tick sends a heartbeat;
+   function ``fn(bus, link)`` (or, for a class, ``fn(bus, link).run()``); a main
+   tick sends a heartbeat;
 5. on the parent's stop, the data link ends (after the messages already sent) and the
    bus exits once ``fn`` has returned; the worker then ends with the bus's exit code.
 """
@@ -25,14 +26,14 @@ import select
 import signal
 import sys
 import threading
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Callable, MutableMapping
 from typing import Any, NoReturn
 
 import anyio
 import structlog
 
 from ._bus import Bus
-from ._link import EndOfLink, Link
+from ._link import EndOfLink, Link, LinkOptions
 from ._private import connect_private
 from ._state import State
 
@@ -89,10 +90,11 @@ class ParentLink:
 def run_child(
     address: str,
     token: bytes,
-    fn: Callable[[Bus, ParentLink], Awaitable[Any]],
+    fn: Callable[[Bus, ParentLink], Any],
     name: str,
     parent_pid: int,
     main_interval: float,
+    link_options: LinkOptions,
 ) -> NoReturn:
     """The worker's entry point: run the child, then end the worker with its exit code.
 
@@ -100,7 +102,7 @@ def run_child(
     worker process ends instead of idling in anyio's pool.
     """
     _die_with_parent(parent_pid)
-    code = anyio.run(_child_main, address, token, fn, name, main_interval)
+    code = anyio.run(_child_main, address, token, fn, name, main_interval, link_options)
     raise SystemExit(code)
 
 
@@ -131,10 +133,15 @@ def _watch_parent(parent_pid: int) -> None:
 
 
 async def _child_main(
-    address: str, token: bytes, fn: Callable[[Bus, ParentLink], Awaitable[Any]], name: str, main_interval: float
+    address: str,
+    token: bytes,
+    fn: Callable[[Bus, ParentLink], Any],
+    name: str,
+    main_interval: float,
+    link_options: LinkOptions,
 ) -> int:
     control = await connect_private(address, token)
-    data = await connect_private(address, token)
+    data = await connect_private(address, token, **link_options)
     async with control, data:
         _forward_output(control, name)
         control.send_nowait(("hello", os.getpid()))
@@ -157,13 +164,16 @@ async def _child_main(
 
 
 async def _run_user(
-    fn: Callable[[Bus, ParentLink], Awaitable[Any]], bus: Bus, link: ParentLink, stop_requested: anyio.Event
+    fn: Callable[[Bus, ParentLink], Any], bus: Bus, link: ParentLink, stop_requested: anyio.Event
 ) -> int:
     """Await the user's function, then wait for the parent's stop; cut short if the bus exits."""
     with anyio.CancelScope() as scope:
         bus.start_soon(_cancel_when_exiting, bus, scope)
         try:
-            await fn(bus, link)
+            if isinstance(fn, type):  # a class: built with (bus, link), then its run() awaited
+                await fn(bus, link).run()
+            else:
+                await fn(bus, link)
         except Exception:
             structlog.get_logger("aiobus").exception("The child's function failed")
             return EXIT_FAILED

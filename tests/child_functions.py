@@ -76,3 +76,15 @@ async def ignores_input(bus: Bus, link: ParentLink) -> None:
     """Say which process runs this incarnation, then never read a message."""
     await link.send(("pid", os.getpid()))
     await anyio.sleep_forever()
+
+
+class Doubler:
+    """A child as a class: built with (bus, link), its run() is the body."""
+
+    def __init__(self, bus: Bus, link: ParentLink) -> None:
+        self.bus = bus
+        self.link = link
+
+    async def run(self) -> None:
+        async for number in self.link:
+            await self.link.send(number * 2)

@@ -23,6 +23,7 @@ from aiobus import (
     ChildState,
     ChildUnavailable,
     EndOfLink,
+    FrameTooLarge,
     State,
     Supervisor,
 )
@@ -352,3 +353,28 @@ class TestMore:
             assert second != first
         assert (exits[0].pid, exits[0].exit_code, exits[0].signal) == (first, 0, None)
         assert log_recorder.matching("Child got SIGTERM: exiting")
+
+
+class TestEntryPointsAndFrames:
+    async def test_a_class_with_a_run_method_is_a_child(self) -> None:
+        """A class built with (bus, link) whose async run() serves the link works as a child."""
+        async with Bus() as bus:
+            broker = ChildBroker(bus, "doubler", child_functions.Doubler)
+            broker.subscribe()
+            await bus.start()
+            await broker.send(21)
+            with anyio.fail_after(30):
+                assert await broker.receive() == 42
+
+    async def test_an_oversized_message_is_refused_and_nothing_else_is_lost(self) -> None:
+        """A message over max_frame_size is an error at send; the messages around it arrive."""
+        async with Bus() as bus:
+            broker = ChildBroker(bus, "echo", child_functions.echo, max_frame_size=1024)
+            broker.subscribe()
+            await bus.start()
+            await broker.send("before")
+            with pytest.raises(FrameTooLarge):
+                await broker.send(b"x" * 4096)
+            await broker.send("after")
+            with anyio.fail_after(30):
+                assert [await broker.receive(), await broker.receive()] == [("echo", "before"), ("echo", "after")]

@@ -38,8 +38,7 @@ from dataclasses import dataclass, field
 import anyio
 from anyio.abc import ByteReceiveStream, Process
 
-from aiobus import Bus
-from aiobus._supervision import Child, ChildExit, Restart, Supervisor, default_supervisor
+from aiobus import Bus, Child, ChildExit, Restart, Supervisor, default_supervisor
 
 from ._output import LineReady, LineSplitter, PortReady
 
