@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import MutableMapping
 from typing import Any, Literal, TextIO
 
 import structlog
@@ -35,6 +36,29 @@ def log_to_structlog(msg: str, level: int = logging.INFO, **fields: Any) -> None
     structlog.get_logger("aiobus").log(_standard_level(level), msg, **fields)
 
 
+#: Keys the console line shows in its own columns, or leaves out: the name column already
+#: says which child a relayed line comes from.
+_COLUMNS = ("timestamp", "level", "logger", "event", "exception", "child", "child_pid")
+
+
+def render_line(logger: Any, method: str, event: MutableMapping[str, Any]) -> str:
+    """A console line a person reads easily: ``[time] Name    LEVEL message key=value``.
+
+    The name column is the event's ``logger`` field (bind one:
+    ``structlog.get_logger().bind(logger="Bank")``), else the child it was relayed from,
+    else ``aiobus``. A traceback follows on the next lines.
+    """
+    name = str(event.get("logger") or str(event.get("child") or "").capitalize() or "aiobus")
+    level = str(event.get("level", method)).upper()
+    line = f"[{event.get('timestamp', '')}] {name:<7} {level:<5} {event.get('event', '')}"
+    extra = " ".join(f"{key}={value}" for key, value in event.items() if key not in _COLUMNS)
+    if extra:
+        line += "  " + extra
+    if event.get("exception"):
+        line += "\n" + str(event["exception"]).rstrip()
+    return line
+
+
 def configure_logging(
     *,
     format: Literal["auto", "console", "json"] = "auto",
@@ -42,6 +66,9 @@ def configure_logging(
     stream: TextIO | None = None,
 ) -> None:
     """Configure structlog for an application: console lines on a terminal, JSON lines otherwise.
+
+    Console lines read ``[2026-11-25 10:15:07] Bank    INFO  Placing order: BUY DXBZ 20``
+    (see :func:`render_line`); JSON lines carry every field.
 
     Args:
         format: ``"console"``, ``"json"``, or ``"auto"`` (console when ``stream`` is a terminal).
@@ -53,19 +80,13 @@ def configure_logging(
         format = "console" if out.isatty() else "json"
     if format not in ("console", "json"):
         raise ValueError(f"format must be 'auto', 'console' or 'json', not {format!r}")
-    renderer: Any
-    if format == "console":
-        renderer = structlog.dev.ConsoleRenderer(colors=out.isatty())
-    else:
-        renderer = structlog.processors.JSONRenderer()
     processors: list[Any] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
-        structlog.processors.TimeStamper(fmt="%Y-%m-%d %H:%M:%S"),
+        structlog.processors.TimeStamper(fmt="%Y-%m-%d %H:%M:%S", utc=False),
+        structlog.processors.format_exc_info,
+        render_line if format == "console" else structlog.processors.JSONRenderer(),
     ]
-    if format == "json":
-        processors.append(structlog.processors.format_exc_info)
-    processors.append(renderer)
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(level),

@@ -1,0 +1,240 @@
+"""The ``aiobus`` command: run a service's ``setup(bus)`` on a bus, with what every service wants from flags.
+
+``aiobus run package.module:setup`` imports ``setup`` (the current directory is
+importable, as with ``python -m``), enters a :class:`~aiobus.Bus`, subscribes a
+:class:`~aiobus.plugins.SignalHandler` and the plugins the flags ask for, calls
+``setup(bus)`` (awaited if it returns an awaitable) so that it subscribes the
+service's plugins and children, starts the bus, blocks until it exits, and ends the
+process with the bus's exit code.
+
+Exit codes: the bus's (0 after a clean shutdown, 70 after a failure, 130 after a
+forced shutdown); 2 for a bad command line or target, with one line on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import inspect
+import logging
+import math
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
+
+import anyio
+import structlog
+
+from ._bus import Bus
+from ._channels import ChannelFailures
+from ._logging import configure_logging
+from ._plugin import SimplePlugin
+from ._state import State
+
+EX_USAGE = 2
+EX_SOFTWARE = 70
+EX_INTERRUPTED = 130
+
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are a single line (no usage block) and exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EX_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+
+
+class TargetError(Exception):
+    """The target is malformed, cannot be found, or is not callable."""
+
+
+def _seconds(text: str, *, zero: bool) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (0 <= value < math.inf if zero else 0 < value < math.inf):
+        kind = "a finite number of seconds >= 0" if zero else "a positive finite number of seconds"
+        raise argparse.ArgumentTypeError(f"must be {kind}, not {text!r}")
+    return value
+
+
+def _positive_seconds(text: str) -> float:
+    return _seconds(text, zero=False)
+
+
+def _seconds_or_zero(text: str) -> float:
+    return _seconds(text, zero=True)
+
+
+def _umask(text: str) -> int:
+    try:
+        value = int(text, 8)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 0o777:
+        raise argparse.ArgumentTypeError(f"must be octal within 000..777, such as 022, not {text!r}")
+    return value
+
+
+def _id(text: str) -> int | str:
+    return int(text) if text.isdigit() else text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``aiobus`` command's argument parser."""
+    parser = _Parser(
+        prog="aiobus",
+        description="Run a service on an aiobus Bus: signals, PID file, privileges, autoreload and logging from flags.",
+        epilog="Exit codes: the bus's (0 clean, 70 failure, 130 forced); 2 for a bad command line or target.",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    run = commands.add_parser(
+        "run",
+        help="run package.module:setup, where setup(bus) (sync or async) subscribes the service",
+        description=(
+            "Import TARGET (package.module:setup; the current directory is importable), enter a Bus, subscribe "
+            "a SignalHandler (SIGTERM and SIGINT exit, SIGHUP restarts without a terminal, SIGUSR1 is graceful) "
+            "and the plugins the flags ask for, call setup(bus) (awaited if async) so that it subscribes the "
+            "service's plugins and children, start the bus, and exit with the bus's exit code."
+        ),
+        epilog="Exit codes: the bus's (0 clean, 70 failure, 130 forced); 2 for a bad command line or target.",
+    )
+    run.add_argument("target", metavar="TARGET", help="the setup function, as package.module:function")
+    run.add_argument("--pidfile", metavar="PATH", help="write the pid to PATH while running (PIDFile plugin)")
+    run.add_argument("--user", metavar="USER", type=_id, help="switch to this user (name or uid) at start")
+    run.add_argument("--group", metavar="GROUP", type=_id, help="switch to this group (default: the user's)")
+    run.add_argument("--umask", metavar="OCTAL", type=_umask, help="set the umask at start, such as 022")
+    run.add_argument(
+        "--reload",
+        action="store_true",
+        help="restart the process when a source file changes (Autoreloader; needs aiobus[reload])",
+    )
+    run.add_argument(
+        "--log-format",
+        choices=("auto", "console", "json"),
+        default="auto",
+        help="log lines for people or JSON lines (default: console on a terminal, json otherwise)",
+    )
+    run.add_argument("--log-level", choices=tuple(_LEVELS), default="info", help="the lowest level logged")
+    run.add_argument(
+        "--main-interval",
+        metavar="SECONDS",
+        type=_positive_seconds,
+        default=0.1,
+        help="seconds between main ticks (default: 0.1)",
+    )
+    run.add_argument(
+        "--stop-timeout",
+        metavar="SECONDS",
+        type=_seconds_or_zero,
+        default=None,
+        help="seconds each shutdown step may take before it is cut short (default: no limit)",
+    )
+    return parser
+
+
+def load_target(target: str) -> Callable[..., Any]:
+    """Import ``module:attribute`` (the attribute may be dotted) and return it.
+
+    Raises:
+        TargetError: malformed, a missing module or attribute, or not callable.
+        Exception: whatever importing the module raised, other than the module missing.
+    """
+    module_name, sep, attribute = target.partition(":")
+    if not sep or not module_name or not attribute:
+        raise TargetError(f"target {target!r} must be module:function, such as myservice.app:setup")
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        if error.name is None or not (module_name + ".").startswith(error.name + "."):
+            raise  # a module that the target's module imports is missing: an error in the service
+        raise TargetError(f"no module named {error.name!r} (target {target!r})") from None
+    for part in attribute.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise TargetError(f"{module_name!r} has no attribute {attribute!r} (target {target!r})") from None
+    if not callable(obj):
+        raise TargetError(f"target {target!r} is not callable: it is {type(obj).__name__} {obj!r:.60}")
+    return obj  # type: ignore[no-any-return]
+
+
+def make_plugins(bus: Bus, args: argparse.Namespace) -> list[SimplePlugin]:
+    """The plugins the flags ask for (not subscribed): PIDFile, DropPrivileges, Autoreloader.
+
+    Raises:
+        ValueError, TypeError, OSError, ImportError: a flag's value is refused by its plugin.
+    """
+    from .plugins import Autoreloader, DropPrivileges, PIDFile
+
+    plugins: list[SimplePlugin] = []
+    if args.pidfile is not None:
+        plugins.append(PIDFile(bus, args.pidfile))
+    if args.user is not None or args.group is not None or args.umask is not None:
+        plugins.append(DropPrivileges(bus, uid=args.user, gid=args.group, umask=args.umask))
+    if args.reload:
+        plugins.append(Autoreloader(bus))
+    return plugins
+
+
+async def serve(setup: Callable[..., Any], args: argparse.Namespace) -> int:
+    """Run ``setup`` on a bus with the plugins of ``args`` until the bus exits; return its exit code.
+
+    A failure of ``setup`` is logged with its traceback and the code is 70. Cancelled,
+    the bus exits (shielded) and the cancellation propagates.
+    """
+    from .plugins import SignalHandler
+
+    async with Bus(main_interval=args.main_interval, stop_timeout=args.stop_timeout) as bus:
+        SignalHandler(bus).subscribe()
+        for plugin in make_plugins(bus, args):
+            plugin.subscribe()
+        try:
+            result = setup(bus)
+            if inspect.isawaitable(result):
+                await result
+        except Exception:
+            bus.log(f"setup {args.target} failed", logging.ERROR, traceback=True, target=args.target)
+            bus.exit_code = EX_SOFTWARE
+            await bus.exit()
+        if bus.state is State.STOPPED:
+            try:
+                await bus.start()
+            except ChannelFailures:
+                pass  # logged by the bus, which has exited with code 70
+        await bus.block()
+    return bus.exit_code
+
+
+def _fail(message: str) -> NoReturn:
+    sys.stderr.write(f"aiobus: error: {message}\n")
+    raise SystemExit(EX_USAGE)
+
+
+def main(argv: Sequence[str] | None = None) -> NoReturn:
+    """The ``aiobus`` console script (and ``python -m aiobus``): always ends with SystemExit."""
+    args = build_parser().parse_args(argv)
+    try:
+        make_plugins(Bus(), args)  # check the flags' values before anything runs
+    except ImportError as error:
+        _fail(f"--reload: {error}")
+    except (ValueError, TypeError, OSError) as error:
+        _fail(str(error))
+    configure_logging(format=args.log_format, level=_LEVELS[args.log_level])
+    try:
+        try:
+            setup = load_target(args.target)
+        except TargetError as error:
+            _fail(str(error))
+        except Exception:
+            structlog.get_logger("aiobus").exception(f"importing {args.target} failed", target=args.target)
+            raise SystemExit(EX_SOFTWARE) from None
+        raise SystemExit(anyio.run(serve, setup, args))
+    except KeyboardInterrupt:
+        raise SystemExit(EX_INTERRUPTED) from None

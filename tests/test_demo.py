@@ -1,0 +1,68 @@
+"""The bank/broker demo, run as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+from processes import Spawner
+
+DEMO = Path(__file__).resolve().parent.parent / "examples" / "bank_broker.py"
+
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="POSIX signals")
+
+
+def orders(output: str) -> tuple[list[str], list[str]]:
+    """The orders the Bank placed and those the Broker executed, each as 'SIDE SYMBOL QUANTITY'."""
+    placed, executed = [], []
+    for line in output.splitlines():
+        if "Placing order: " in line:
+            placed.append(line.split("Placing order: ", 1)[1].split("  ")[0].strip())
+        elif " order placed for " in line:
+            words = line.split("INFO  ", 1)[1].split()
+            executed.append(f"{words[0]} {words[5]} {words[4]}")  # SIDE order placed for QTY SYMBOL
+    return placed, executed
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_or_sigterm_stops_both_with_every_order_executed(spawn: Spawner, sig: int) -> None:
+    """After Ctrl-C (to the whole group, as a terminal sends it) or SIGTERM, the demo exits 0,
+    the Broker executed every order the Bank placed, and no process is left."""
+    demo = spawn.run([sys.executable, str(DEMO), "--interval", "0.05"])
+    demo.wait_for("order placed for", count=5)
+    if sig == signal.SIGINT:
+        os.killpg(demo.pid, signal.SIGINT)
+    else:
+        demo.send(sig)
+    assert demo.wait() == 0, demo.output
+    demo.assert_nothing_left()
+    placed, executed = orders(demo.output)
+    assert len(placed) >= 5
+    assert executed == placed
+    assert "Broker closed" in demo.output and "Bank closed" in demo.output
+    bank = [line for line in demo.output.splitlines() if "Bus EXITING" in line]
+    assert len(bank) == 2  # both buses logged their shutdown
+
+
+def test_lines_read_as_in_the_article(spawn: Spawner) -> None:
+    """Console lines: [time] Bank    INFO  Placing order: ... and [time] Broker  INFO  ... order placed for ..."""
+    demo = spawn.run([sys.executable, str(DEMO), "--interval", "0.05", "--duration", "1"])
+    assert demo.wait() == 0, demo.output
+    bank = next(line for line in demo.output.splitlines() if "Placing order" in line)
+    broker = next(line for line in demo.output.splitlines() if "order placed for" in line)
+    assert bank.startswith("[") and "] Bank    INFO  Placing order: " in bank
+    assert "] Broker  INFO  " in broker
+
+
+def test_json_and_duration(spawn: Spawner) -> None:
+    """--json gives JSON lines; --duration stops the demo by itself with code 0."""
+    demo = spawn.run([sys.executable, str(DEMO), "--interval", "0.05", "--duration", "1", "--json"])
+    assert demo.wait() == 0, demo.output
+    events = [json.loads(line) for line in demo.output.splitlines() if line.startswith("{")]
+    assert any(event["event"].startswith("Placing order: ") and event["logger"] == "Bank" for event in events)
+    assert any("order placed for" in event["event"] and event["child"] == "broker" for event in events)
+    demo.assert_nothing_left()
