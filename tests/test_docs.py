@@ -81,3 +81,13 @@ def test_readme_child_broker_example_runs(spawn: Spawner) -> None:
     child.send(signal.SIGTERM)
     assert child.wait() == 0, child.output
     child.assert_nothing_left()
+
+
+def test_readme_plugin_example_runs(spawn: Spawner) -> None:
+    """The README's "Writing a plugin" example runs, logs its heartbeat, and ends with code 0."""
+    child = spawn.script(
+        "import aiobus\naiobus.configure_logging(format='json')\n" + readme_block("## Writing a plugin")
+    )
+    assert child.wait() == 0, child.output
+    assert "still alive" in child.output
+    child.assert_nothing_left()
