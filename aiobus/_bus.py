@@ -489,7 +489,11 @@ class Bus:
         return self._restart_requested
 
     async def restart(self) -> None:
-        """Exit, and have :meth:`block` re-execute the process once the bus's tasks have ended."""
+        """Exit, and have :meth:`block` re-execute the process once the bus's tasks have ended.
+
+        Cancelled: the shutdown is shielded as in :meth:`exit`, and :meth:`block` still
+        re-executes. No timeout of its own: ``stop_timeout`` bounds each step.
+        """
         self._restart_requested = True
         await self.exit()
 

@@ -177,6 +177,9 @@ class ChildBroker(Child):
         Raises:
             ChildUnavailable: no incarnation came up in time, or it went away first.
             aiobus.FrameTooLarge, aiobus.LinkError: ``obj`` cannot be sent (nothing was).
+
+        Cancelled: the message was not queued. Timeout: ``send_timeout`` seconds for a
+        child that is down, then ChildUnavailable.
         """
         with anyio.move_on_after(self.send_timeout):
             while self._data is None:
@@ -199,6 +202,9 @@ class ChildBroker(Child):
         Raises:
             EndOfLink: nothing is left to read and the child is stopped, or will not be
                 restarted.
+
+        Cancelled: nothing is lost; the next message stays for the next call. No timeout
+        of its own (wrap it in ``anyio.fail_after``).
         """
         inbox = self._inbox
         while not inbox.items:

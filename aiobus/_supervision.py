@@ -143,6 +143,8 @@ class Child(abc.ABC):
 
         Raises:
             Exception: it could not start; nothing of it is left running.
+
+        Cancelled: an implementation must leave nothing of the incarnation running.
         """
 
     @abc.abstractmethod
@@ -150,6 +152,8 @@ class Child(abc.ABC):
         """Wait until the running incarnation has ended, and say how.
 
         The supervisor calls it once per incarnation, from one task.
+
+        Cancelled: nothing changes for the child. No timeout.
         """
 
     @abc.abstractmethod
@@ -158,10 +162,16 @@ class Child(abc.ABC):
 
         The exit that :meth:`wait` then reports has ``expected=True``. Calling it when
         nothing runs does nothing.
+
+        Timeouts are the implementation's (a grace period, then a kill). The supervisor
+        shields it from cancellation.
         """
 
     async def graceful(self) -> None:  # noqa: B027 - an optional hook, not an abstract one
-        """Pass the bus's graceful on to the child (nothing, unless a subclass says so)."""
+        """Pass the bus's graceful on to the child (nothing, unless a subclass says so).
+
+        Cancelled: the child may not have been told. No timeout.
+        """
 
     def info(self) -> ChildInfo:
         uptime = None
@@ -254,6 +264,9 @@ class Supervisor(SimplePlugin):
 
         Raises:
             Exception: a child could not start (those already started are stopped).
+
+        Cancelled: the children already started are stopped. Timeouts: each child's own
+        start timeout.
         """
         if self._scope is not None:
             return
@@ -277,7 +290,11 @@ class Supervisor(SimplePlugin):
     start.priority = 80  # type: ignore[attr-defined]
 
     async def stop(self) -> None:
-        """Stop every child in reverse order; no restart happens from here on."""
+        """Stop every child in reverse order; no restart happens from here on.
+
+        Cancelled: the children not stopped yet may stay running until the bus's tasks
+        end. Timeouts: each child's own stop timeouts.
+        """
         if self._scope is not None:
             self._scope.cancel()
             await self._ended.wait()
@@ -287,7 +304,10 @@ class Supervisor(SimplePlugin):
     stop.priority = 20  # type: ignore[attr-defined]
 
     async def graceful(self) -> None:
-        """Pass graceful on to every running child."""
+        """Pass graceful on to every running child.
+
+        Cancelled: the children after the one being told are not. No timeout.
+        """
         for child in self._children:
             if child.state is ChildState.RUNNING:
                 await child.graceful()

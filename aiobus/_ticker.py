@@ -67,5 +67,8 @@ class Ticker:
             self._scope.cancel()
 
     async def wait_done(self) -> None:
-        """Wait until the ticker's task has ended."""
+        """Wait until the ticker's task has ended.
+
+        Cancelled: nothing changes for the ticker. No timeout.
+        """
         await self._done.wait()

@@ -59,7 +59,10 @@ class ParentLink:
         self.received = 0
 
     async def send(self, obj: Any) -> None:
-        """Send ``obj`` to the parent (see :meth:`aiobus.Link.send`)."""
+        """Send ``obj`` to the parent (see :meth:`aiobus.Link.send`).
+
+        Cancelled (only while the link is full): ``obj`` was not queued. No timeout of its own.
+        """
         await self._link.send(obj)
 
     async def receive(self) -> Any:
@@ -67,6 +70,8 @@ class ParentLink:
 
         Raises:
             EndOfLink: the parent stopped the child (or went away); nothing follows.
+
+        Cancelled: nothing is lost. No timeout of its own.
         """
         if self._ended:
             raise EndOfLink

@@ -156,7 +156,10 @@ class Autoreloader(SimplePlugin):
     # -- channels -------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Start watching in a task of the bus; a no-op if it watches already."""
+        """Start watching in a task of the bus; a no-op if it watches already.
+
+        Cancelled: no watch is started. No timeout.
+        """
         if self._run is None or self._run.scope.cancel_called:
             run = _Run()
             self._run = run

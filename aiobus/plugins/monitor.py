@@ -111,7 +111,10 @@ class Monitor(SimplePlugin):
     # -- channels -------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Run the monitor as a task of the bus; a no-op if it runs already."""
+        """Run the monitor as a task of the bus; a no-op if it runs already.
+
+        Cancelled: the monitor is not started. No timeout.
+        """
         if self._run is None or self._run.scope.cancel_called:
             self._launch()
 

@@ -120,7 +120,10 @@ class SignalHandler:
             self._scope.cancel()
 
     async def wait_restored(self) -> None:
-        """Wait until the signals are no longer received here and the previous handlers are back."""
+        """Wait until the signals are no longer received here and the previous handlers are back.
+
+        Cancelled: nothing changes. No timeout (wrap it in ``anyio.fail_after``).
+        """
         await self._restored.wait()
 
     def _start_receiving(self) -> None:
