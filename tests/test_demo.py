@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
+import subprocess
 import sys
+import termios
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -66,3 +71,56 @@ def test_json_and_duration(spawn: Spawner) -> None:
     assert any(event["event"].startswith("Placing order: ") and event["logger"] == "Bank" for event in events)
     assert any("order placed for" in event["event"] and event["child"] == "broker" for event in events)
     demo.assert_nothing_left()
+
+
+def test_ctrl_c_typed_in_a_real_terminal_stops_the_demo_cleanly() -> None:
+    """^C typed on the demo's own terminal (a pty it controls) stops it: exit 0, every order executed."""
+    master, slave = os.openpty()
+    output = bytearray()
+    seen = threading.Condition()
+
+    def take_terminal() -> None:  # in the child, after setsid: the pty becomes its terminal
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    def read() -> None:
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: the terminal's last user is gone
+                break
+            if not chunk:
+                break
+            with seen:
+                output.extend(chunk)
+                seen.notify_all()
+
+    demo = subprocess.Popen(
+        [sys.executable, str(DEMO), "--interval", "0.05"],
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        start_new_session=True,
+        preexec_fn=take_terminal,
+    )
+    os.close(slave)
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 60
+        with seen:
+            while output.count(b"order placed for") < 5:
+                assert time.monotonic() < deadline, output.decode(errors="replace")
+                seen.wait(1)
+        os.write(master, b"\x03")  # the terminal's line discipline turns it into SIGINT
+        assert demo.wait(timeout=60) == 0, output.decode(errors="replace")
+    finally:
+        if demo.poll() is None:
+            os.killpg(demo.pid, signal.SIGKILL)
+            demo.wait()
+        reader.join(10)
+        os.close(master)
+    text = output.decode(errors="replace").replace("\r\n", "\n")
+    placed, executed = orders(text)
+    assert len(placed) >= 5 and executed == placed
+    left = subprocess.run(["pgrep", "-s", str(demo.pid)], capture_output=True, text=True).stdout.split()
+    assert left == []
