@@ -35,7 +35,7 @@ from ._bus import Bus
 from ._link import EndOfLink, Link, LinkOptions, UndeliveredMessages, check_link_options
 from ._private import PrivateListener
 from ._supervision import Child, ChildExit, ChildState, Restart, Supervisor, default_supervisor
-from ._worker import EndOfInput, ParentLink, run_child
+from ._worker import EndOfInput, ParentLink, Receiver, run_child
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 _LEVELS["critical"] = logging.CRITICAL
@@ -69,7 +69,7 @@ class ChildUnavailable(RuntimeError):
     """A message could not be sent: the child is not running and did not come back in time."""
 
 
-class ChildBroker(Child):
+class ChildBroker(Child, Receiver):
     """Runs ``fn(bus, link)`` in a child process whose bus follows this one's.
 
     ``fn`` is an importable async function (module level: it is pickled by reference;
@@ -216,15 +216,6 @@ class ChildBroker(Child):
         message = inbox.items.popleft()
         inbox.notify()
         return message
-
-    def __aiter__(self) -> ChildBroker:
-        return self
-
-    async def __anext__(self) -> Any:
-        try:
-            return await self.receive()
-        except anyio.EndOfStream:
-            raise StopAsyncIteration from None
 
     def _set_data(self, data: Link | None) -> None:
         self._data = data

@@ -44,7 +44,23 @@ class EndOfInput:
     """Sent by the parent on the data link when it stops the child: no message follows."""
 
 
-class ParentLink:
+class Receiver:
+    """``async for msg in x`` over ``await x.receive()``, ending at the end of the stream."""
+
+    async def receive(self) -> Any:
+        raise NotImplementedError
+
+    def __aiter__(self) -> Receiver:
+        return self
+
+    async def __anext__(self) -> Any:
+        try:
+            return await self.receive()
+        except anyio.EndOfStream:
+            raise StopAsyncIteration from None
+
+
+class ParentLink(Receiver):
     """The child's link to its parent: ``await link.send(obj)``, ``await link.receive()``,
     ``async for msg in link``.
 
@@ -81,15 +97,6 @@ class ParentLink:
             raise EndOfLink
         self.received += 1
         return message
-
-    def __aiter__(self) -> ParentLink:
-        return self
-
-    async def __anext__(self) -> Any:
-        try:
-            return await self.receive()
-        except anyio.EndOfStream:
-            raise StopAsyncIteration from None
 
 
 def run_child(

@@ -14,6 +14,20 @@ from pathlib import Path
 from typing import Any
 
 
+def alive(pids: list[int]) -> list[int]:
+    """Those of ``pids`` still running (a zombie counts as gone)."""
+    left = []
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as file:
+                state = file.read().rsplit(")", 1)[1].split()[0]
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        if state not in ("Z", "X"):
+            left.append(pid)
+    return left
+
+
 class Child:
     """A Python process in a session of its own, its stdout and stderr read line by line."""
 

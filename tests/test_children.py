@@ -13,7 +13,7 @@ import anyio.to_process
 import child_functions
 import pytest
 from helpers import LogRecorder
-from processes import Spawner
+from processes import Spawner, alive
 
 from aiobus import (
     CHILD_EXIT_CHANNEL,
@@ -31,19 +31,15 @@ from aiobus import (
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="pidfd and /proc (Linux)")
 
 
-def alive(pid: int) -> bool:
-    """Whether a process with this pid exists and is not a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().split(") ", 1)[1][0] != "Z"
-    except FileNotFoundError:
-        return False
+def is_alive(pid: int) -> bool:
+    """Whether the process runs (a zombie counts as gone)."""
+    return bool(alive([pid]))
 
 
 async def wait_gone(pid: int, seconds: float = 10) -> None:
     """Wait until the process has ended (no event tells it: look at /proc now and then)."""
     with anyio.fail_after(seconds):
-        while alive(pid):  # noqa: ASYNC110
+        while is_alive(pid):  # noqa: ASYNC110
             await anyio.sleep(0.02)
 
 
@@ -195,7 +191,7 @@ class TestSupervision:
             with anyio.fail_after(30):
                 await bus.stop()
             last = broker.last_exit
-        assert not alive(pid)
+        assert not is_alive(pid)
         assert broker.state is ChildState.STOPPED
         assert last is None or last.expected  # a stop is not a failure
 
@@ -281,13 +277,13 @@ class TestProcesses:
     def test_parent_killed_with_sigkill_leaves_no_child(self, spawn: Spawner, backend: str) -> None:
         """SIGKILL to the parent ends its child too, within a second or so (here bounded at 10 s)."""
         parent, child = self.start_parent(spawn, backend)
-        assert alive(child)
+        assert is_alive(child)
         parent.send(signal.SIGKILL)
         parent.wait()
         deadline = time.monotonic() + 10
-        while alive(child) and time.monotonic() < deadline:
+        while is_alive(child) and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert not alive(child)
+        assert not is_alive(child)
         parent.assert_nothing_left()
 
     def test_terminal_ctrl_c_lets_the_parent_drive_the_shutdown(self, spawn: Spawner) -> None:
@@ -296,7 +292,7 @@ class TestProcesses:
         os.killpg(os.getpgid(parent.pid), signal.SIGINT)
         assert parent.wait() == 0, parent.output
         assert "echo child drained" in parent.output
-        assert not alive(child)
+        assert not is_alive(child)
         parent.assert_nothing_left()
 
     @pytest.mark.parametrize("backend", ["asyncio", "trio"])
@@ -305,7 +301,7 @@ class TestProcesses:
         parent, child = self.start_parent(spawn, backend)
         parent.send(signal.SIGTERM)
         assert parent.wait() == 0, parent.output
-        assert not alive(child)
+        assert not is_alive(child)
         parent.assert_nothing_left()
 
 

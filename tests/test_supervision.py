@@ -20,6 +20,7 @@ import anyio
 import child_functions
 import pytest
 from helpers import LogRecorder
+from processes import alive
 
 from aiobus import Bus, ChildBroker, State, log_to_structlog
 from aiobus._supervision import (
@@ -62,20 +63,6 @@ if mode == "exit0-first" and runs == 1:
 while True:
     time.sleep(3600)
 """
-
-
-def alive(pids: list[int]) -> list[int]:
-    """Those of ``pids`` still running (a zombie counts as gone)."""
-    left = []
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat") as file:
-                state = file.read().rsplit(")", 1)[1].split()[0]
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-        if state not in ("Z", "X"):
-            left.append(pid)
-    return left
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ from typing import Any
 import anyio
 import pytest
 from helpers import LogRecord, LogRecorder
-from processes import Spawner
+from processes import Spawner, alive
 
 from aiobus import Bus, ChannelFailures, State, log_to_structlog
 from aiobus._supervision import ChildExit, ChildState, Supervisor, default_supervisor
@@ -56,20 +56,6 @@ say(f"family {os.getpid()} ready")
 while True:
     time.sleep(3600)
 """
-
-
-def alive(pids: list[int]) -> list[int]:
-    """Those of ``pids`` still running (a zombie counts as gone)."""
-    left = []
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat") as file:
-                state = file.read().rsplit(")", 1)[1].split()[0]
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-        if state not in ("Z", "X"):
-            left.append(pid)
-    return left
 
 
 def marked(marker: str) -> list[int]:
