@@ -172,3 +172,12 @@ class TestConfigureLogging:
         before = structlog.get_config()
         Bus().log("hello")
         assert structlog.get_config() == before
+
+
+def test_console_line_shows_the_traceback_below() -> None:
+    """An event with an exception prints its traceback on the lines after the message."""
+    from aiobus._logging import render_line
+
+    line = render_line(None, "error", {"event": "failed", "level": "error", "exception": "Traceback...\nValueError"})
+    assert line.endswith("failed\nTraceback...\nValueError")
+    assert "] aiobus  ERROR failed" in line

@@ -283,3 +283,15 @@ print("got", repr(conn.recv(100)), flush=True)
 def test_works_on_trio(test: Callable[[], Awaitable[None]]) -> None:
     """The behaviour holds under the trio backend too."""
     anyio.run(test, backend="trio")
+
+
+async def test_a_listener_is_entered_only_once_and_accepts_only_inside() -> None:
+    """accept() outside ``async with`` and a second entry are clear errors."""
+    listener = PrivateListener()
+    with pytest.raises(RuntimeError, match="async with"):
+        await listener.accept(timeout=1)
+    async with listener:
+        pass
+    with pytest.raises(RuntimeError, match="only once"):
+        async with listener:
+            pass

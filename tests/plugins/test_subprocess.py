@@ -494,3 +494,27 @@ def test_a_program_runs_and_stops_on_trio(where: Path) -> None:
     assert output[0] == "hello from trio"
     [exit] = exits
     assert (exit.signal, exit.expected, exit.reason) == ("SIGTERM", True, "stopped with SIGTERM")
+
+
+class TestReadinessArguments:
+    @pytest.mark.parametrize(
+        ("kwargs", "error"),
+        [
+            ({"port": 0}, ValueError),
+            ({"port": True}, ValueError),
+            ({"port": 8080, "host": ""}, TypeError),
+            ({"port": 8080, "interval": 0}, ValueError),
+        ],
+    )
+    def test_bad_port_checks_are_refused(self, kwargs: dict[str, Any], error: type[Exception]) -> None:
+        """PortReady needs a port from 1 to 65535, a host and a positive interval."""
+        with pytest.raises(error, match="PortReady"):
+            PortReady(**kwargs)
+
+    @pytest.mark.parametrize(
+        ("kwargs", "match"), [({"pattern": "("}, "regular expression"), ({"pattern": "x", "stream": "stdin"}, "stream")]
+    )
+    def test_bad_line_checks_are_refused(self, kwargs: dict[str, Any], match: str) -> None:
+        """LineReady needs a valid regular expression and stdout, stderr or None as its stream."""
+        with pytest.raises(ValueError, match=match):
+            LineReady(**kwargs)
