@@ -49,7 +49,7 @@ def typecheck(session: nox.Session) -> None:
 @nox.session
 def bench(session: nox.Session) -> None:
     """Benchmarks (bench/): figures and ratios against baselines measured in the same run."""
-    session.install(".", "trio>=0.25")
+    session.install(".", "trio>=0.25", "cherrypy")
     for script in sorted(os.listdir("bench")):
         if script.startswith("bench_") and script.endswith(".py"):
             session.run("python", os.path.join("bench", script), *session.posargs)

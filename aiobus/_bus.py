@@ -176,6 +176,11 @@ class Bus:
         self._channels.unsubscribe(channel, callback)
 
     @property
+    def channels(self) -> tuple[str, ...]:
+        """The names of the channels that exist: the six built-in ones, then those subscribed to."""
+        return tuple(self._channels.as_mapping())
+
+    @property
     def listeners(self) -> Mapping[str, tuple[Callable[..., Any], ...]]:
         """Each channel's callbacks in run order (a copy)."""
         return self._channels.as_mapping()
