@@ -54,9 +54,8 @@ class _Inbox:
         self._changed.set()
         self._changed = anyio.Event()
 
-    async def wait(self, seconds: float = math.inf) -> None:
-        with anyio.move_on_after(seconds):
-            await self._changed.wait()
+    async def wait(self) -> None:
+        await self._changed.wait()
 
     async def put(self, item: Any) -> None:
         while len(self.items) >= self.size:
@@ -122,6 +121,7 @@ class ChildBroker(Child, Receiver):
         max_frame_size: int = 16 * 2**20,
         high_water: int = 2**20,
     ) -> None:
+        self._inbox = _Inbox(1000)  # first: the base class sets the state, which wakes readers
         super().__init__(name, restart)
         if not callable(fn):
             raise TypeError(f"the child's function must be callable, not {fn!r}")
@@ -146,7 +146,6 @@ class ChildBroker(Child, Receiver):
         self._process: Process | None = None
         self._data: Link | None = None
         self._changed = anyio.Event()  # set (and replaced) when an incarnation comes up or ends
-        self._inbox = _Inbox(1000)
         self._incarnation: _Incarnation | None = None
 
     # -- as a plugin ------------------------------------------------------------------
@@ -210,12 +209,13 @@ class ChildBroker(Child, Receiver):
         while not inbox.items:
             if self._data is None and self.state in (ChildState.STOPPED, ChildState.EXITED, ChildState.FAILED):
                 raise EndOfLink(f"child {self.name!r} is {self.state}")
-            # The supervisor decides about a restart a moment after an incarnation ends,
-            # and says nothing here: look at the state again now and then.
-            await inbox.wait(0.1 if self._data is None else math.inf)
+            await inbox.wait()  # woken by a message, a new incarnation or a change of state
         message = inbox.items.popleft()
         inbox.notify()
         return message
+
+    def state_changed(self) -> None:
+        self._inbox.notify()
 
     def _set_data(self, data: Link | None) -> None:
         self._data = data

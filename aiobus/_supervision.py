@@ -127,10 +127,23 @@ class Child(abc.ABC):
             raise ValueError(f"a child needs a non-empty name, not {name!r}")
         self.name = name
         self.restart = Restart(restart)
-        self.state = ChildState.STOPPED
+        self._state = ChildState.STOPPED
         self.restarts = 0
         self.last_exit: ChildExit | None = None
         self.started_at: float | None = None
+
+    @property
+    def state(self) -> ChildState:
+        """Where the child is, as the supervisor sees it."""
+        return self._state
+
+    @state.setter
+    def state(self, state: ChildState) -> None:
+        self._state = state
+        self.state_changed()
+
+    def state_changed(self) -> None:  # noqa: B027 - an optional hook, not an abstract one
+        """Called after each change of :attr:`state` (nothing, unless a subclass says so)."""
 
     @property
     @abc.abstractmethod
