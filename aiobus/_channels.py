@@ -93,10 +93,10 @@ class Channels:
 
     def __init__(self, names: Iterable[str] = BUILTIN_CHANNELS) -> None:
         self._listeners: dict[str, tuple[Listener, ...]] = {name: () for name in names}
+        #: The listeners of a channel in run order, or None for a channel never subscribed to.
+        #: (The dict's own method: publish calls it every time.)
+        self.get: Callable[[str], tuple[Listener, ...] | None] = self._listeners.get
         self._order = itertools.count()
-
-    def get(self, channel: str) -> tuple[Listener, ...] | None:
-        return self._listeners.get(channel)
 
     def as_mapping(self) -> Mapping[str, tuple[Callable[..., Any], ...]]:
         return {name: tuple(item.callback for item in items) for name, items in self._listeners.items()}
