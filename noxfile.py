@@ -9,7 +9,7 @@ nox.options.sessions = ["tests", "lint", "typecheck"]
 nox.options.error_on_external_run = True
 nox.options.reuse_existing_virtualenvs = True
 
-TEST_DEPS = ["pytest>=8", "pytest-asyncio>=0.24", "pytest-cov>=5", "trio>=0.25"]
+TEST_DEPS = ["pytest>=8", "pytest-asyncio>=0.24", "pytest-cov>=5", "trio>=0.25", "hypothesis>=6.100"]
 
 
 @nox.session

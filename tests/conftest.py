@@ -8,7 +8,15 @@ from pathlib import Path
 
 import pytest
 from helpers import LogRecorder
+from hypothesis import HealthCheck, settings
 from processes import Spawner
+
+# Property tests: no example database written into the tree, no per-example deadline
+# (the machines are shared and noisy; a slow example is not a failure).
+settings.register_profile(
+    "aiobus", database=None, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+settings.load_profile("aiobus")
 
 
 @pytest.fixture
