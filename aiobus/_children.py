@@ -168,10 +168,12 @@ class ChildBroker(Child, Receiver):
 
         If the child is down or restarting, waits for the next incarnation up to
         ``send_timeout`` seconds. Returns once the message is queued on the link (it
-        waits while the link is full). A message is never dropped silently: one sent
-        as the child dies, and not yet received by it, may die with it, and the child's
-        exit (its ``reason``, published on ``child_exit``) says how many such messages
-        were not acknowledged.
+        waits while the link is full): accepted by the current incarnation, and by no
+        other. A message is never dropped silently: if that incarnation ends before its
+        function acknowledged the message (asked for the next one, or returned: see
+        :class:`~aiobus.ParentLink`), the message is counted in the exit's ``lost``
+        (published on ``child_exit``, and said in its ``reason``); it may have been
+        processed all the same, but it is never delivered twice.
 
         Raises:
             ChildUnavailable: no incarnation came up in time, or it went away first.
@@ -276,7 +278,7 @@ class _Incarnation:
         self.control: Link | None = None
         self.undelivered = 0
         self.sent = 0  # messages accepted by send() for this incarnation
-        self.received = 0  # of those, how many the child said it had received
+        self.acknowledged = 0  # of those, how many the child said its function was done with
         self._process: Process | None = None
         self._popen: Any = None
         self._scope = anyio.CancelScope()
@@ -336,6 +338,8 @@ class _Incarnation:
             else:
                 self._on_control(message)
         self.last_beat = time.monotonic()
+        if self.failure is not None:
+            return  # spawn gave up on it (too late): no message may go to it
         self.child._set_data(data)
         self.ready.set()
         relayed = anyio.Event()
@@ -349,7 +353,9 @@ class _Incarnation:
                         self._on_control(message)
                 except (anyio.EndOfStream, anyio.BrokenResourceError):
                     pass
-                # The child is ending: what it sent before is still on its way.
+                # The child is ending: no message goes to it any more (send waits for the
+                # next incarnation); what it sent before is still on its way.
+                self.child._set_data(None)
                 with anyio.move_on_after(self.child.grace):
                     await relayed.wait()
                 helpers.cancel_scope.cancel()
@@ -369,7 +375,7 @@ class _Incarnation:
         kind = message[0]
         if kind == "tick":
             self.last_beat = time.monotonic()
-            self.received = max(self.received, int(message[1]))
+            self.acknowledged = max(self.acknowledged, int(message[1]))
         elif kind == "log":
             event = dict(message[1])
             text = str(event.pop("event", ""))
@@ -473,14 +479,14 @@ class _Incarnation:
             reason = self.killed_by
         elif self.killed_by is not None:
             reason = f"{reason} ({self.killed_by})"
-        unacknowledged = self.sent - self.received
-        if unacknowledged > 0:
+        lost = max(0, self.sent - self.acknowledged)
+        if lost:
             # Written or not, these may have died with the child: never silently.
             reason = (
-                f"{reason}; {unacknowledged} message(s) sent to it were not acknowledged "
+                f"{reason}; {lost} message(s) sent to it were not acknowledged "
                 f"({self.undelivered} never written): they may be lost"
             )
-        self.exit = ChildExit(self.child.name, self.pid, code, sig, reason, expected=self.stopping)
+        self.exit = ChildExit(self.child.name, self.pid, code, sig, reason, expected=self.stopping, lost=lost)
         self.child._pid = None
         self.child._set_data(None)
         self.ended.set()

@@ -85,6 +85,10 @@ class ChildExit:
         signal: the name of the signal that ended it, or None.
         reason: what happened, in words ("exited", "killed after the grace period"...).
         expected: whether the supervisor asked for it (a stop): not a failure.
+        lost: messages sent to this incarnation (accepted by ``ChildBroker.send``) that it
+            did not acknowledge before it ended: they may be lost (some may have been
+            processed, the acknowledgement not reaching the parent). Every message accepted
+            and not counted here was acknowledged. Always 0 for an external program.
     """
 
     name: str
@@ -93,6 +97,7 @@ class ChildExit:
     signal: str | None
     reason: str
     expected: bool = False
+    lost: int = 0
 
     @property
     def failed(self) -> bool:

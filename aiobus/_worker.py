@@ -66,13 +66,22 @@ class ParentLink(Receiver):
 
     The iteration ends cleanly once the parent stops the child, after every message it
     sent before; :meth:`receive` then raises :class:`~aiobus.EndOfLink`.
+
+    Acknowledgement: a message counts as done with once the child's function asks for
+    the next one (calls :meth:`receive` again: in ``async for msg in link``, once the
+    loop's body has finished with it), or returns. The heartbeats tell the parent how
+    many are done with; the others count as ``lost`` in the incarnation's exit if the
+    child dies. A function that hands messages on to other tasks acknowledges each one
+    as it asks for the next, whatever those tasks have done with it.
     """
 
     def __init__(self, link: Link) -> None:
         self._link = link
         self._ended = False
-        #: How many messages from the parent this child has received.
+        #: How many messages from the parent this child has taken (returned by :meth:`receive`).
         self.received = 0
+        #: How many of those it is done with (it asked for the next one, or its function returned).
+        self.acknowledged = 0
 
     async def send(self, obj: Any) -> None:
         """Send ``obj`` to the parent (see :meth:`aiobus.Link.send`).
@@ -82,13 +91,14 @@ class ParentLink(Receiver):
         await self._link.send(obj)
 
     async def receive(self) -> Any:
-        """The next message from the parent.
+        """The next message from the parent; the messages taken before count as done with.
 
         Raises:
             EndOfLink: the parent stopped the child (or went away); nothing follows.
 
         Cancelled: nothing is lost. No timeout of its own.
         """
+        self.acknowledged = self.received
         if self._ended:
             raise EndOfLink
         message = await self._link.receive()
@@ -161,16 +171,16 @@ async def _child_main(
             bus.start_soon(_forward_fd2, control)
             stop_requested = anyio.Event()
             link = ParentLink(data)
-            # A heartbeat says how many messages the child has taken so far: the parent
+            # A heartbeat says how many messages the child is done with so far: the parent
             # can then tell which of those it sent may have died with the child.
-            bus.subscribe("main", lambda: _send_quietly(control, ("tick", link.received)))
+            bus.subscribe("main", lambda: _send_quietly(control, ("tick", link.acknowledged)))
             bus.start_soon(_read_control, control, bus, stop_requested)
             bus.start_soon(_exit_on_sigterm, bus)
             await bus.start()
             await control.send(("ready",))
             code = await _run_user(fn, bus, link, stop_requested)
             await bus.exit()
-        await control.send(("tick", link.received))
+        await control.send(("tick", link.acknowledged))
         await control.drain()
         return code or bus.exit_code
 
@@ -188,7 +198,8 @@ async def _run_user(
                 await fn(bus, link)
         except Exception:
             structlog.get_logger("aiobus").exception("The child's function failed")
-            return EXIT_FAILED
+            return EXIT_FAILED  # the message it was working on, if any, stays unacknowledged
+        link.acknowledged = link.received  # it returned: done with every message it took
         await stop_requested.wait()
     return 0
 

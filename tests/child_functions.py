@@ -88,3 +88,103 @@ class Doubler:
     async def run(self) -> None:
         async for number in self.link:
             await self.link.send(number * 2)
+
+
+# -- for tests/faults/test_frames.py: objects that pickle but do not unpickle, and a child that reports link errors
+
+
+def refuse_to_load() -> None:
+    """Called by the unpickler of a LoadBomb: it fails, as a constructor or __setstate__ might."""
+    raise ValueError("this object refuses to be unpickled")
+
+
+class LoadBomb:
+    """Pickles fine (by reference to refuse_to_load); unpickling it raises ValueError, in any process."""
+
+    def __reduce__(self) -> tuple[object, tuple[()]]:
+        return (refuse_to_load, ())
+
+
+async def reports_link_errors(bus: Bus, link: ParentLink) -> None:
+    """Echo messages; say what fails instead of failing, and keep going.
+
+    "pid" asks for the pid; "send a lambda" sends one; "send a bomb" sends a LoadBomb the
+    parent cannot unpickle. A message this child cannot unpickle is answered with
+    ("undecodable", error); a send that fails with ("send failed", error).
+    """
+    from aiobus import LinkError
+
+    while True:
+        try:
+            message = await link.receive()
+        except LinkError as error:
+            await link.send(("undecodable", str(error)))
+            continue
+        except anyio.EndOfStream:
+            return
+        try:
+            if message == "pid":
+                await link.send(("pid", os.getpid()))
+            elif message == "send a lambda":
+                await link.send(lambda: "never pickled")
+            elif message == "send a bomb":
+                await link.send(LoadBomb())
+            else:
+                await link.send(("echo", message))
+        except LinkError as error:
+            await link.send(("send failed", str(error)))
+
+
+async def sends_a_lambda(bus: Bus, link: ParentLink) -> None:
+    """Send an object that cannot be pickled, without catching the error."""
+    await link.send(lambda: "never pickled")
+
+
+# -- for tests/faults/test_killed_children.py: a child that records what it processes, and stubborn ones
+
+
+#: The size of one record written by :func:`records`: it divides the page size, so a record
+#: appended at a multiple of it never straddles two pages and is written whole or not at all.
+RECORD_SIZE = 32
+
+
+async def records(bus: Bus, link: ParentLink) -> None:
+    """For each message ``(path, number)``, append one record "<pid> <number>" to ``path``.
+
+    The record is written (one ``os.write``, O_APPEND: it survives a SIGKILL that follows)
+    only after an await, a longer one for every 50th message: heartbeats go out while a
+    message is being worked on.
+    """
+    pid = os.getpid()
+    files: dict[str, int] = {}
+    try:
+        async for path, number in link:
+            await anyio.sleep(0.005 if number % 50 == 0 else 0)
+            fd = files.get(path)
+            if fd is None:
+                fd = files[path] = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            os.write(fd, f"{pid} {number}".ljust(RECORD_SIZE - 1).encode() + b"\n")
+    finally:
+        for fd in files.values():
+            os.close(fd)
+
+
+async def ignores_sigterm(bus: Bus, link: ParentLink) -> None:
+    """Have the kernel discard SIGTERM, and go on running after the end of input: only SIGKILL ends it."""
+    import signal  # here: this part of the module is appended to, not rearranged
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    await link.send(("pid", os.getpid()))
+    async for _ in link:
+        pass
+    await anyio.sleep_forever()
+
+
+async def stalls_on_first(bus: Bus, link: ParentLink) -> None:
+    """Take the first message and never finish with it; heartbeats go on meanwhile."""
+    message = await link.receive()
+    ticks = anyio.Event()
+    bus.subscribe("main", lambda: ticks.set() if bus.statistics().ticks >= 3 else None, priority=1000)
+    await ticks.wait()  # heartbeats went out after the message was taken
+    await link.send(("took", message))
+    await anyio.sleep_forever()
