@@ -32,6 +32,7 @@ from ._link import FrameTooLarge as FrameTooLarge
 from ._link import Link as Link
 from ._link import LinkError as LinkError
 from ._link import LinkStatistics as LinkStatistics
+from ._link import UndecodableFrame as UndecodableFrame
 from ._link import UndeliveredMessages as UndeliveredMessages
 from ._logging import configure_logging as configure_logging
 from ._logging import log_to_structlog as log_to_structlog
@@ -77,6 +78,7 @@ __all__ = [
     "StateError",
     "Strategy",
     "Supervisor",
+    "UndecodableFrame",
     "UndeliveredMessages",
     "configure_logging",
     "connect_private",

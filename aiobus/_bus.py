@@ -153,7 +153,9 @@ class Bus:
             The callback itself, so decorated names stay usable.
 
         Raises:
-            TypeError: the callback is not callable, or is async on the ``log`` channel.
+            TypeError: the callback is not callable, or is async on the ``log`` channel,
+                or the priority is not a number.
+            ValueError: the priority is NaN.
         """
         if callback is None:
 

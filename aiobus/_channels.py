@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import inspect
 import itertools
+import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Self
@@ -76,11 +77,18 @@ def is_async_callable(callback: object) -> bool:
 
 
 def resolve_priority(callback: object, priority: float | None) -> float:
-    """The argument, else the callback's ``priority`` attribute, else 50."""
+    """The argument, else the callback's ``priority`` attribute, else 50.
+
+    Raises:
+        TypeError: the priority is not a number (a bool is not one).
+        ValueError: the priority is NaN, which has no place in an order.
+    """
     if priority is None:
         priority = getattr(callback, "priority", DEFAULT_PRIORITY)
     if isinstance(priority, bool) or not isinstance(priority, int | float):
         raise TypeError(f"priority must be a number, not {priority!r}")
+    if math.isnan(priority):
+        raise ValueError(f"priority must be a number that can be ordered, not {priority!r}")
     return priority
 
 

@@ -9,7 +9,7 @@ The parent side. Each incarnation of a :class:`ChildBroker`:
 3. accepts the child's control link, then its data link, and waits for the child's
    bus to be STARTED (its "ready");
 4. then relays: the child's log events into the parent's log (with the child's name
-   and pid bound), its main ticks as heartbeats, and the user's messages both ways.
+   and pid bound), its heartbeats, and the user's messages both ways.
 
 Stopping is graceful first: the data link is told that no message follows (the child
 drains what was sent before), a stop goes on the control link, and after ``grace``
@@ -22,7 +22,6 @@ import logging
 import math
 import os
 import signal
-import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -32,7 +31,7 @@ import anyio.to_process
 from anyio.abc import Process
 
 from ._bus import Bus
-from ._link import EndOfLink, Link, LinkOptions, UndeliveredMessages, check_link_options
+from ._link import EndOfLink, Link, LinkOptions, UndecodableFrame, UndeliveredMessages, check_link_options
 from ._private import PrivateListener
 from ._supervision import Child, ChildExit, ChildState, Restart, Supervisor, default_supervisor
 from ._worker import EndOfInput, ParentLink, Receiver, run_child
@@ -64,6 +63,13 @@ class _Inbox:
         self.notify()
 
 
+class _Undecodable:
+    """In the inbox, in place of a message from the child that did not unpickle."""
+
+    def __init__(self, error: UndecodableFrame) -> None:
+        self.error = error
+
+
 class ChildUnavailable(RuntimeError):
     """A message could not be sent: the child is not running and did not come back in time."""
 
@@ -91,8 +97,11 @@ class ChildBroker(Child, Receiver):
         term_grace: seconds after SIGTERM before SIGKILL.
         start_timeout: seconds for the child to be ready.
         send_timeout: how long :meth:`send` waits for a child that is down or restarting.
-        heartbeat_misses: main ticks the child may miss before it counts as hung and is
-            killed (its policy then applies); None disables hang detection.
+        heartbeat_interval: seconds between the child's heartbeats (each also says how
+            many messages it is done with).
+        heartbeat_misses: heartbeats the child may miss before it counts as hung and is
+            killed (its policy then applies): by default a child silent for 5 s is hung.
+            None disables hang detection.
         main_interval: the child bus's main interval; the parent's by default.
         max_frame_size: the largest message (pickled) on the link, both ways; a larger
             one is an error at ``send`` (FrameTooLarge) and nothing else is lost.
@@ -116,7 +125,8 @@ class ChildBroker(Child, Receiver):
         term_grace: float = 2.0,
         start_timeout: float = 30.0,
         send_timeout: float = 10.0,
-        heartbeat_misses: int | None = 20,
+        heartbeat_interval: float = 1.0,
+        heartbeat_misses: int | None = 5,
         main_interval: float | None = None,
         max_frame_size: int = 16 * 2**20,
         high_water: int = 2**20,
@@ -128,6 +138,8 @@ class ChildBroker(Child, Receiver):
         for label, value in (("grace", grace), ("term_grace", term_grace), ("start_timeout", start_timeout)):
             if not isinstance(value, int | float) or not 0 <= value < math.inf:
                 raise ValueError(f"{label} must be a finite number of seconds >= 0, not {value!r}")
+        if not isinstance(heartbeat_interval, int | float) or not 0 < heartbeat_interval < math.inf:
+            raise ValueError(f"heartbeat_interval must be a finite number of seconds > 0, not {heartbeat_interval!r}")
         if heartbeat_misses is not None and (not isinstance(heartbeat_misses, int) or heartbeat_misses < 1):
             raise ValueError(f"heartbeat_misses must be None or an int >= 1, not {heartbeat_misses!r}")
         self.bus = bus
@@ -137,6 +149,7 @@ class ChildBroker(Child, Receiver):
         self.term_grace = term_grace
         self.start_timeout = start_timeout
         self.send_timeout = send_timeout
+        self.heartbeat_interval = heartbeat_interval
         self.heartbeat_misses = heartbeat_misses
         self.main_interval = bus.main_interval if main_interval is None else main_interval
         self.link_options = LinkOptions(max_frame_size=max_frame_size, high_water=high_water)
@@ -203,6 +216,8 @@ class ChildBroker(Child, Receiver):
         Raises:
             EndOfLink: nothing is left to read and the child is stopped, or will not be
                 restarted.
+            UndecodableFrame: the child's next message does not unpickle here (it is
+                logged too); the call after returns the message after it.
 
         Cancelled: nothing is lost; the next message stays for the next call. No timeout
         of its own (wrap it in ``anyio.fail_after``).
@@ -214,6 +229,8 @@ class ChildBroker(Child, Receiver):
             await inbox.wait()  # woken by a message, a new incarnation or a change of state
         message = inbox.items.popleft()
         inbox.notify()
+        if isinstance(message, _Undecodable):
+            raise message.error
         return message
 
     def state_changed(self) -> None:
@@ -273,7 +290,7 @@ class _Incarnation:
         self.exit: ChildExit | None = None
         self.stopping = False
         self.killed_by: str | None = None
-        self.last_beat = time.monotonic()
+        self.last_beat = 0.0  # anyio.current_time() of the last heartbeat, once ready
         self.pid: int | None = None
         self.control: Link | None = None
         self.undelivered = 0
@@ -337,7 +354,7 @@ class _Incarnation:
                 self._popen = _popen_of(self._process)
             else:
                 self._on_control(message)
-        self.last_beat = time.monotonic()
+        self.last_beat = anyio.current_time()
         if self.failure is not None:
             return  # spawn gave up on it (too late): no message may go to it
         self.child._set_data(data)
@@ -364,7 +381,15 @@ class _Incarnation:
 
     async def _relay(self, data: Link, done: anyio.Event) -> None:
         try:
-            async for message in data:
+            while True:
+                try:
+                    message: Any = await data.receive()
+                except UndecodableFrame as error:
+                    # That message only: logged, and raised in its turn by ChildBroker.receive.
+                    self.bus.log(
+                        f"Child {self.child.name}: {error}", logging.ERROR, child=self.child.name, child_pid=self.pid
+                    )
+                    message = _Undecodable(error)
                 await self.child._inbox.put(message)
         except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
             pass
@@ -374,7 +399,7 @@ class _Incarnation:
     def _on_control(self, message: tuple[Any, ...]) -> None:
         kind = message[0]
         if kind == "tick":
-            self.last_beat = time.monotonic()
+            self.last_beat = anyio.current_time()
             self.acknowledged = max(self.acknowledged, int(message[1]))
         elif kind == "log":
             event = dict(message[1])
@@ -386,11 +411,12 @@ class _Incarnation:
     async def _watch_heartbeats(self) -> None:
         misses = self.child.heartbeat_misses
         assert misses is not None
-        limit = misses * self.child.main_interval
+        limit = misses * self.child.heartbeat_interval
         while True:
-            await anyio.sleep(self.child.main_interval)
-            silent = time.monotonic() - self.last_beat
-            if silent > limit and not self.stopping:
+            # Wake only when the child would have been silent too long: cheap with many children.
+            await anyio.sleep_until(self.last_beat + limit)
+            silent = anyio.current_time() - self.last_beat
+            if silent >= limit and not self.stopping:
                 self.bus.log(f"Child {self.child.name} hung: no heartbeat for {silent:.1f} s", logging.ERROR)
                 self.killed_by = f"hung (no heartbeat for {silent:.1f} s)"
                 self._signal(signal.SIGKILL)
@@ -407,6 +433,7 @@ class _Incarnation:
                 child.name,
                 os.getpid(),
                 child.main_interval,
+                child.heartbeat_interval,
                 child.link_options,
                 cancellable=True,
                 limiter=child._limiter,
@@ -415,6 +442,7 @@ class _Incarnation:
         except SystemExit as done:
             code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
             self._result = (code, None, "exited" if code == 0 else f"exited with code {code}")
+            await self._reap_worker()
         except anyio.BrokenWorkerProcess:
             returncode = _returncode(self._process, self._popen)
             if returncode is not None and returncode < 0:
@@ -426,6 +454,23 @@ class _Incarnation:
             self._result = (1, None, f"failed: {error!r}")
         finally:
             self._worker_done.set()
+
+    async def _reap_worker(self) -> None:
+        """Wait for the worker to end after its SystemExit, and close its pipes.
+
+        anyio puts the worker back in its idle pool even though it is ending; until it is
+        reaped, the next call (a restart, or a start after a stop) could be handed that
+        dying worker. Once reaped, anyio sees its return code and drops it.
+        """
+        process = self._process
+        if process is None:
+            return
+        with anyio.CancelScope(shield=True):
+            with anyio.move_on_after(self.child.grace + self.child.term_grace):
+                await process.wait()
+            if process.returncode is None:  # stuck in its interpreter's shutdown
+                self._signal(signal.SIGKILL)
+            await process.aclose()
 
     async def send_control(self, message: tuple[Any, ...]) -> None:
         if self.control is not None:

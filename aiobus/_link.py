@@ -8,6 +8,15 @@ receive about to wait hands the buffer over first, so a request's reply is not k
 waiting for the writer's turn. Reads take up to 64 KiB at a time and decode every
 complete frame in them.
 
+What a reader does with bad input: a length prefix over ``max_frame_size`` is refused
+as soon as its 4 bytes are in (nothing of that size is ever allocated), and so is a
+stream that ends inside a frame: both raise :class:`CorruptFrame` and close the link.
+A complete frame whose payload does not unpickle raises :class:`UndecodableFrame` for
+that message only; the link goes on. No other error comes out of the decoder. Inside a
+frame, pickle's own limits apply: besides running code, a crafted payload of a few bytes
+can make CPython's unpickler fill a memo table of gigabytes (a huge PUT index, CPython
+gh-115952); frames are only ever what the peer's ``pickle.dumps`` made.
+
 Pickle runs code: only ever read from a peer you trust (see :mod:`aiobus._private`).
 """
 
@@ -39,7 +48,20 @@ class FrameTooLarge(LinkError, ValueError):
 
 
 class CorruptFrame(LinkError):
-    """The peer sent bytes that are not a valid frame; the link has been closed."""
+    """The peer sent bytes that are not a stream of frames; the link has been closed.
+
+    Either a length prefix announces more than ``max_frame_size`` bytes, or the stream
+    ended inside a frame. The frame boundaries are lost, so nothing after it can be read.
+    """
+
+
+class UndecodableFrame(LinkError):
+    """A complete frame whose payload does not unpickle; only that message is lost.
+
+    Say, a pickle naming a module or class this process cannot import, or an object
+    whose reconstruction raises. The unpickling error is the cause. The frame's length
+    was valid, so the link goes on: the next ``receive`` returns the next message.
+    """
 
 
 class UndeliveredMessages(LinkError):
@@ -55,6 +77,15 @@ class UndeliveredMessages(LinkError):
 
 class EndOfLink(anyio.EndOfStream):
     """The peer closed the link cleanly, between two frames."""
+
+
+class _Skipped:
+    """In the queue of decoded messages, in the place of one that did not unpickle."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: UndecodableFrame) -> None:
+        self.error = error
 
 
 class LinkOptions(TypedDict, total=False):
@@ -152,10 +183,12 @@ class Link:
         self._closed = False
         # Receiving: bytes of a frame not complete yet, and messages decoded and not returned.
         self._unparsed = bytearray()
-        self._messages: deque[Any] = deque()
+        self._messages: deque[Any] = deque()  # and _Skipped errors, in their place
+        self._frames_read = 0
         self._corrupt: CorruptFrame | None = None
         self._receiving = False
         self._eof = False
+        self._read_broken: anyio.BrokenResourceError | None = None
         self._messages_sent = self._messages_received = self._bytes_sent = self._bytes_received = 0
         self._undelivered = 0
 
@@ -336,10 +369,13 @@ class Link:
 
         Raises:
             EndOfLink: the peer closed the link cleanly (also on every later call).
-            CorruptFrame: the peer sent an invalid frame (a length over ``max_frame_size``,
-                a frame cut short by the end of stream, or a payload that does not
-                unpickle); the messages before it were returned first; the link is closed.
-            anyio.BrokenResourceError: the stream broke (say, the peer died with unread data).
+            UndecodableFrame: the next frame's payload does not unpickle (the error is the
+                cause); that message is skipped and the link goes on: call again for the next.
+            CorruptFrame: the peer broke the framing (a length over ``max_frame_size``, or a
+                frame cut short by the end of stream); the messages before it were returned
+                first; the link is closed.
+            anyio.BrokenResourceError: the stream broke (say, the peer died with unread data;
+                the messages read before it are returned first); also on every later call.
             anyio.ClosedResourceError: the link is closed.
             anyio.BusyResourceError: another task is receiving.
         """
@@ -350,6 +386,8 @@ class Link:
                 raise anyio.ClosedResourceError(f"link {self.name!r} is closed")
             if self._receiving:
                 raise anyio.BusyResourceError("receiving from")
+            if self._read_broken is not None:
+                raise anyio.BrokenResourceError(str(self._read_broken)) from self._read_broken.__cause__
             if self._eof:
                 raise EndOfLink(f"link {self.name!r}: the peer closed the link")
             self._write_now()  # about to wait, maybe for a reply: send what is queued first
@@ -364,12 +402,22 @@ class Link:
                     )
                     continue
                 raise EndOfLink(f"link {self.name!r}: the peer closed the link") from None
+            except anyio.BrokenResourceError as exc:
+                self._read_broken = anyio.BrokenResourceError(
+                    f"link {self.name!r}: the stream broke ({exc.__cause__ or exc!r}); "
+                    "the peer may have died with data unread"
+                )
+                self._read_broken.__cause__ = exc
+                continue
             finally:
                 self._receiving = False
             self._bytes_received += len(chunk)
             self._parse(chunk)
+        message = self._messages.popleft()
+        if type(message) is _Skipped:
+            raise message.error
         self._messages_received += 1
-        return self._messages.popleft()
+        return message
 
     def __aiter__(self) -> Link:
         return self
@@ -413,14 +461,16 @@ class Link:
                 stop = pos + 4 + size
                 if stop > end:
                     break
+                self._frames_read += 1
                 try:
                     self._messages.append(pickle.loads(view[pos + 4 : stop]))
                 except Exception as exc:
-                    self._corrupt = CorruptFrame(
-                        f"link {self.name!r}: a frame of {size} bytes does not unpickle: {exc!r}"
+                    error = UndecodableFrame(
+                        f"link {self.name!r}: frame {self._frames_read} ({size} bytes) does not unpickle: "
+                        f"{exc!r}; that message is skipped"
                     )
-                    self._corrupt.__cause__ = exc
-                    break
+                    error.__cause__ = exc
+                    self._messages.append(_Skipped(error))
                 pos = stop
         del data[:pos]
 

@@ -12,8 +12,11 @@ Four locks, each enough against another local user:
    anything else; the parent compares it in constant time.
 
 The parent reads exactly the token's 32 bytes from a new peer and nothing more, so no
-pickle is ever read from a peer before it has proved itself. A refused peer is logged
-and closed, and the listener goes on waiting for the right one.
+pickle is ever read from a peer before it has proved itself. A refused peer (another
+uid, a wrong token, fewer than 32 bytes before it closes or before
+``handshake_timeout``, or a peer gone before the parent's OK) is logged and closed,
+and the listener goes on waiting for the right one. Peers are taken one at a time: a
+silent peer holds the next one back for at most ``handshake_timeout`` seconds.
 """
 
 from __future__ import annotations
@@ -61,12 +64,15 @@ def _short_temp_dir() -> str:
     return base if len(os.fsencode(base)) + 24 <= _UNIX_PATH_MAX else "/tmp"
 
 
-async def _receive_exactly(stream: SocketStream, size: int) -> bytes:
-    """Read exactly ``size`` bytes and not one more; EndOfStream if the peer closes first."""
-    data = b""
+async def _receive_exactly(stream: SocketStream, size: int, into: bytearray | None = None) -> bytes:
+    """Read exactly ``size`` bytes and not one more; EndOfStream if the peer closes first.
+
+    ``into``, if given, keeps what was read so far, even when the read is interrupted.
+    """
+    data = bytearray() if into is None else into
     while len(data) < size:
         data += await stream.receive(size - len(data))
-    return data
+    return bytes(data)
 
 
 class PrivateListener:
@@ -126,8 +132,10 @@ class PrivateListener:
     async def accept(self, timeout: float, **link_options: Unpack[LinkOptions]) -> Link:  # noqa: ASYNC109
         """Wait for a peer that presents the token, and return a link to it.
 
-        Peers of another uid or with a wrong token are refused, logged (WARNING) and
-        closed; the wait goes on. The link returned is not entered yet: use it as
+        Peers of another uid, with a wrong token, with fewer than 32 bytes (closed, or
+        silent for ``handshake_timeout`` seconds), or gone before the OK are refused,
+        logged (WARNING) and closed; the wait goes on. Nothing a refused peer sent is
+        ever unpickled. The link returned is not entered yet: use it as
         ``async with link:``.
 
         Cancelled: no link is made; a peer in the middle of its handshake is closed.
@@ -158,18 +166,26 @@ class PrivateListener:
                 self._refuse("peer of another user refused", pid=pid, uid=uid)
                 await stream.aclose()
                 return False
-            token = b""
+            received = bytearray()
+            ended = "handshake_timeout"
             with anyio.move_on_after(self.handshake_timeout):
                 try:
-                    token = await _receive_exactly(stream, TOKEN_SIZE)
+                    await _receive_exactly(stream, TOKEN_SIZE, received)
                 except (anyio.EndOfStream, anyio.BrokenResourceError):
-                    pass
-            if not hmac.compare_digest(token, self.token):
-                reason = "wrong token refused" if len(token) == TOKEN_SIZE else "peer without a token refused"
-                self._refuse(reason, pid=pid, uid=uid, received=len(token))
+                    ended = "closed"
+            if not hmac.compare_digest(bytes(received), self.token):
+                if len(received) == TOKEN_SIZE:
+                    self._refuse("wrong token refused", pid=pid, uid=uid, received=len(received))
+                else:
+                    self._refuse("peer without a token refused", pid=pid, uid=uid, received=len(received), ended=ended)
                 await stream.aclose()
                 return False
-            await stream.send(_OK)
+            try:
+                await stream.send(_OK)
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                self._refuse("peer left during the handshake", pid=pid, uid=uid)
+                await stream.aclose()
+                return False
         except BaseException:
             await anyio.aclose_forcefully(stream)
             raise

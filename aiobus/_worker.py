@@ -11,8 +11,8 @@ worker (a fresh interpreter) it:
 3. forwards everything the child logs (structlog, ``print``, ``sys.stderr``) over the
    control link, so nothing is lost in the worker's ``/dev/null``;
 4. runs a :class:`~aiobus.Bus`, starts it, reports ready, and awaits the user's
-   function ``fn(bus, link)`` (or, for a class, ``fn(bus, link).run()``); a main
-   tick sends a heartbeat;
+   function ``fn(bus, link)`` (or, for a class, ``fn(bus, link).run()``); a task
+   sends a heartbeat every ``heartbeat_interval`` seconds;
 5. on the parent's stop, the data link ends (after the messages already sent) and the
    bus exits once ``fn`` has returned; the worker then ends with the bus's exit code.
 """
@@ -33,7 +33,7 @@ import anyio
 import structlog
 
 from ._bus import Bus
-from ._link import EndOfLink, Link, LinkOptions
+from ._link import EndOfLink, Link, LinkOptions, UndecodableFrame
 from ._private import connect_private
 from ._state import State
 
@@ -95,13 +95,19 @@ class ParentLink(Receiver):
 
         Raises:
             EndOfLink: the parent stopped the child (or went away); nothing follows.
+            UndecodableFrame: the parent's next message does not unpickle here; it counts
+                as taken, and the call after returns the message after it.
 
         Cancelled: nothing is lost. No timeout of its own.
         """
         self.acknowledged = self.received
         if self._ended:
             raise EndOfLink
-        message = await self._link.receive()
+        try:
+            message = await self._link.receive()
+        except UndecodableFrame:
+            self.received += 1
+            raise
         if isinstance(message, EndOfInput):
             self._ended = True
             raise EndOfLink
@@ -116,6 +122,7 @@ def run_child(
     name: str,
     parent_pid: int,
     main_interval: float,
+    heartbeat_interval: float,
     link_options: LinkOptions,
 ) -> NoReturn:
     """The worker's entry point: run the child, then end the worker with its exit code.
@@ -124,7 +131,7 @@ def run_child(
     worker process ends instead of idling in anyio's pool.
     """
     _die_with_parent(parent_pid)
-    code = anyio.run(_child_main, address, token, fn, name, main_interval, link_options)
+    code = anyio.run(_child_main, address, token, fn, name, main_interval, heartbeat_interval, link_options)
     raise SystemExit(code)
 
 
@@ -160,6 +167,7 @@ async def _child_main(
     fn: Callable[[Bus, ParentLink], Any],
     name: str,
     main_interval: float,
+    heartbeat_interval: float,
     link_options: LinkOptions,
 ) -> int:
     control = await connect_private(address, token)
@@ -171,9 +179,7 @@ async def _child_main(
             bus.start_soon(_forward_fd2, control)
             stop_requested = anyio.Event()
             link = ParentLink(data)
-            # A heartbeat says how many messages the child is done with so far: the parent
-            # can then tell which of those it sent may have died with the child.
-            bus.subscribe("main", lambda: _send_quietly(control, ("tick", link.acknowledged)))
+            bus.start_soon(_heartbeats, control, link, heartbeat_interval)
             bus.start_soon(_read_control, control, bus, stop_requested)
             bus.start_soon(_exit_on_sigterm, bus)
             await bus.start()
@@ -202,6 +208,14 @@ async def _run_user(
         link.acknowledged = link.received  # it returned: done with every message it took
         await stop_requested.wait()
     return 0
+
+
+async def _heartbeats(control: Link, link: ParentLink, interval: float) -> None:
+    """Tell the parent, every ``interval`` seconds, that the child lives and how many messages
+    it is done with: the parent can then tell which of those it sent may die with the child."""
+    while True:
+        await anyio.sleep(interval)
+        _send_quietly(control, ("tick", link.acknowledged))
 
 
 async def _cancel_when_exiting(bus: Bus, scope: anyio.CancelScope) -> None:

@@ -15,7 +15,7 @@ import anyio
 import pytest
 from anyio.abc import ByteStream, UNIXSocketStream
 
-from aiobus._link import CorruptFrame, EndOfLink, FrameTooLarge, Link, LinkError, UndeliveredMessages
+from aiobus._link import CorruptFrame, EndOfLink, FrameTooLarge, Link, LinkError, UndecodableFrame, UndeliveredMessages
 
 
 async def stream_pair() -> tuple[UNIXSocketStream, UNIXSocketStream]:
@@ -202,14 +202,15 @@ async def test_a_frame_cut_short_by_the_end_of_stream_is_corrupt(cut: int, descr
             await link.receive()
 
 
-async def test_a_payload_that_does_not_unpickle_is_corrupt() -> None:
-    """A frame whose payload is not pickle raises CorruptFrame after the messages before it."""
+async def test_a_payload_that_does_not_unpickle_is_skipped() -> None:
+    """A frame whose payload is not pickle raises UndecodableFrame in its turn; the link goes on."""
     garbage = b"\x00garbage"
     async with link_and_raw() as (link, raw):
         await raw.send(frame(1) + frame(2) + struct.pack(">I", len(garbage)) + garbage + frame(3))
         assert [1, 2] == [await link.receive(), await link.receive()]
-        with pytest.raises(CorruptFrame, match="does not unpickle"):
+        with pytest.raises(UndecodableFrame, match=r"frame 3 .* does not unpickle"):
             await link.receive()
+        assert 3 == await link.receive()
 
 
 async def test_a_clean_end_of_stream_ends_the_iteration() -> None:
@@ -386,7 +387,7 @@ async def test_statistics_count_messages_and_bytes() -> None:
         test_a_hundred_thousand_messages_arrive_in_order,
         test_send_waits_above_high_water_until_the_reader_reads,
         test_a_cancelled_send_queues_nothing,
-        test_a_payload_that_does_not_unpickle_is_corrupt,
+        test_a_payload_that_does_not_unpickle_is_skipped,
         test_a_clean_end_of_stream_ends_the_iteration,
         test_closing_reports_messages_never_written,
         test_a_failed_write_makes_sending_raise,
