@@ -28,6 +28,24 @@ def alive(pids: list[int]) -> list[int]:
     return left
 
 
+def descendants(pid: int | None = None) -> set[int]:
+    """The pids of every process descended from ``pid`` (this process by default), zombies included."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as file:
+                    parents[int(entry)] = int(file.read().rsplit(")", 1)[1].split()[1])
+            except (FileNotFoundError, ProcessLookupError, IndexError):
+                continue
+    found: set[int] = set()
+    frontier = {os.getpid() if pid is None else pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
 class Child:
     """A Python process in a session of its own, its stdout and stderr read line by line."""
 

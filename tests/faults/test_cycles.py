@@ -23,6 +23,7 @@ from typing import Any
 import anyio
 import child_functions
 import pytest
+from processes import descendants
 
 from aiobus import Bus, ChildBroker, ChildState, State
 from aiobus.plugins import Monitor, PIDFile, SignalHandler, SystemdNotifier
@@ -33,24 +34,6 @@ pytestmark = [
 ]
 
 CYCLES = 1000
-
-
-def descendants() -> set[int]:
-    """The pids of every process descended from this one, zombies included."""
-    parents: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as file:
-                    parents[int(entry)] = int(file.read().rsplit(")", 1)[1].split()[1])
-            except (FileNotFoundError, ProcessLookupError, IndexError):
-                continue
-    found: set[int] = set()
-    frontier = {os.getpid()}
-    while frontier:
-        frontier = {pid for pid, ppid in parents.items() if ppid in frontier} - found
-        found |= frontier
-    return found
 
 
 def open_descriptors() -> dict[int, str]:

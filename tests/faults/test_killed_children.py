@@ -25,7 +25,7 @@ import anyio.lowlevel
 import child_functions
 import pytest
 from helpers import LogRecorder
-from processes import alive
+from processes import alive, descendants
 
 from aiobus import CHILD_EXIT_CHANNEL, Bus, ChildBroker, ChildExit, ChildState, ChildUnavailable, Supervisor
 
@@ -38,28 +38,12 @@ STEP_TIMEOUT = 30.0
 log = logging.getLogger(__name__)
 
 
-def children_of(pid: int) -> set[int]:
-    """The running processes whose parent is ``pid`` (zombies count as gone)."""
-    found = set()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        state, ppid = stat.rsplit(")", 1)[1].split()[:2]
-        if int(ppid) == pid and state not in ("Z", "X"):
-            found.add(int(entry.name))
-    return found
-
-
 @pytest.fixture
 def no_process_left() -> Iterator[None]:
-    """Fail the test if a child process of the test process it started is still running at its end."""
-    before = children_of(os.getpid())
+    """Fail the test if a process it started (or one of theirs) is still running at its end."""
+    before = descendants()
     yield
-    left = alive(sorted(children_of(os.getpid()) - before))
+    left = alive(sorted(descendants() - before))
     assert not left, f"the test left child processes running: {left}"
 
 
