@@ -97,10 +97,10 @@ class ChildBroker(Child, Receiver):
         term_grace: seconds after SIGTERM before SIGKILL.
         start_timeout: seconds for the child to be ready.
         send_timeout: how long :meth:`send` waits for a child that is down or restarting.
-        heartbeat_interval: seconds between the child's heartbeats (each also says how
-            many messages it is done with).
+        heartbeat_interval: seconds between the heartbeats of an idle child (while it
+            is done with messages, it says so every 0.1 s).
         heartbeat_misses: heartbeats the child may miss before it counts as hung and is
-            killed (its policy then applies): by default a child silent for 5 s is hung.
+            killed (its policy then applies): by default a child silent for 15 s is hung.
             None disables hang detection.
         main_interval: the child bus's main interval; the parent's by default.
         max_frame_size: the largest message (pickled) on the link, both ways; a larger
@@ -125,8 +125,8 @@ class ChildBroker(Child, Receiver):
         term_grace: float = 2.0,
         start_timeout: float = 30.0,
         send_timeout: float = 10.0,
-        heartbeat_interval: float = 1.0,
-        heartbeat_misses: int | None = 5,
+        heartbeat_interval: float = 5.0,
+        heartbeat_misses: int | None = 3,
         main_interval: float | None = None,
         max_frame_size: int = 16 * 2**20,
         high_water: int = 2**20,

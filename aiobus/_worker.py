@@ -210,12 +210,25 @@ async def _run_user(
     return 0
 
 
+#: While messages are being done with, the parent hears of it this often (seconds).
+ACK_PERIOD = 0.1
+
+
 async def _heartbeats(control: Link, link: ParentLink, interval: float) -> None:
-    """Tell the parent, every ``interval`` seconds, that the child lives and how many messages
-    it is done with: the parent can then tell which of those it sent may die with the child."""
+    """Tell the parent that the child lives and how many messages it is done with.
+
+    Every ``interval`` seconds when idle, so that idle children cost the parent almost
+    nothing; every ACK_PERIOD seconds while messages are being done with, so that the
+    parent knows closely which of those it sent may die with the child.
+    """
+    period = min(interval, ACK_PERIOD)
+    told, quiet = link.acknowledged, 0.0
     while True:
-        await anyio.sleep(interval)
-        _send_quietly(control, ("tick", link.acknowledged))
+        await anyio.sleep(period)
+        quiet += period
+        if link.acknowledged != told or quiet >= interval:
+            told, quiet = link.acknowledged, 0.0
+            _send_quietly(control, ("tick", told))
 
 
 async def _cancel_when_exiting(bus: Bus, scope: anyio.CancelScope) -> None:

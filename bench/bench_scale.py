@@ -15,7 +15,7 @@ This process is the parent. In one run, one after another:
 
 CPU is ``resource.getrusage(RUSAGE_SELF)`` (this process only, every thread) over the wall time,
 as a percentage of one core; the children's from /proc/<pid>/stat. A child broker sends a heartbeat
-every second (``ChildBroker``'s default) unless ``--heartbeat-interval``. With ``--profile K``
+every 5 s (``ChildBroker``'s default) unless ``--heartbeat-interval``. With ``--profile K``
 the idle window of step 3 runs under cProfile and the K costliest functions are printed.
 """
 
@@ -135,8 +135,9 @@ async def with_children(
     async with Bus(main_interval=interval) as bus:
         bus.unsubscribe("log", log_to_structlog)  # count the lines instead
         bus.subscribe("log", count_lines)
-        beat = 1.0 if heartbeat_interval is None else heartbeat_interval
-        brokers = [ChildBroker(bus, f"broker-{i}", broker, heartbeat_interval=beat) for i in range(count)]
+        brokers = [ChildBroker(bus, f"broker-{i}", broker) for i in range(count)]
+        for child in brokers:
+            child.heartbeat_interval = heartbeat_interval or child.heartbeat_interval
         programs = [Subprocess(bus, f"program-{i}", SLEEPER) for i in range(count)]
         for each in brokers:
             each.subscribe()
