@@ -9,7 +9,7 @@ The parent side. Each incarnation of a :class:`ChildBroker`:
 3. accepts the child's control link, then its data link, and waits for the child's
    bus to be STARTED (its "ready");
 4. then relays: the child's log events into the parent's log (with the child's name
-   and pid bound), its heartbeats, and the user's messages both ways.
+   and pid bound), its heartbeats (each of its main ticks), and the user's messages both ways.
 
 Stopping is graceful first: the data link is told that no message follows (the child
 drains what was sent before), a stop goes on the control link, and after ``grace``
@@ -34,7 +34,7 @@ from ._bus import Bus
 from ._link import EndOfLink, Link, LinkOptions, UndecodableFrame, UndeliveredMessages, check_link_options
 from ._private import PrivateListener
 from ._supervision import Child, ChildExit, ChildState, Restart, Supervisor, default_supervisor
-from ._worker import EndOfInput, ParentLink, Receiver, run_child
+from ._worker import EndOfInput, HeartbeatReader, ParentLink, Receiver, run_child
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 _LEVELS["critical"] = logging.CRITICAL
@@ -97,10 +97,9 @@ class ChildBroker(Child, Receiver):
         term_grace: seconds after SIGTERM before SIGKILL.
         start_timeout: seconds for the child to be ready.
         send_timeout: how long :meth:`send` waits for a child that is down or restarting.
-        heartbeat_interval: seconds between the heartbeats of an idle child (while it
-            is done with messages, it says so every 0.1 s).
-        heartbeat_misses: heartbeats the child may miss before it counts as hung and is
-            killed (its policy then applies): by default a child silent for 15 s is hung.
+        heartbeat_misses: main ticks the child may miss before it counts as hung and is
+            killed (its policy then applies): each of its main ticks is a heartbeat, and
+            the parent checks every ``heartbeat_misses`` main intervals that one came.
             None disables hang detection.
         main_interval: the child bus's main interval; the parent's by default.
         max_frame_size: the largest message (pickled) on the link, both ways; a larger
@@ -125,8 +124,7 @@ class ChildBroker(Child, Receiver):
         term_grace: float = 2.0,
         start_timeout: float = 30.0,
         send_timeout: float = 10.0,
-        heartbeat_interval: float = 5.0,
-        heartbeat_misses: int | None = 3,
+        heartbeat_misses: int | None = 20,
         main_interval: float | None = None,
         max_frame_size: int = 16 * 2**20,
         high_water: int = 2**20,
@@ -138,8 +136,6 @@ class ChildBroker(Child, Receiver):
         for label, value in (("grace", grace), ("term_grace", term_grace), ("start_timeout", start_timeout)):
             if not isinstance(value, int | float) or not 0 <= value < math.inf:
                 raise ValueError(f"{label} must be a finite number of seconds >= 0, not {value!r}")
-        if not isinstance(heartbeat_interval, int | float) or not 0 < heartbeat_interval < math.inf:
-            raise ValueError(f"heartbeat_interval must be a finite number of seconds > 0, not {heartbeat_interval!r}")
         if heartbeat_misses is not None and (not isinstance(heartbeat_misses, int) or heartbeat_misses < 1):
             raise ValueError(f"heartbeat_misses must be None or an int >= 1, not {heartbeat_misses!r}")
         self.bus = bus
@@ -149,7 +145,6 @@ class ChildBroker(Child, Receiver):
         self.term_grace = term_grace
         self.start_timeout = start_timeout
         self.send_timeout = send_timeout
-        self.heartbeat_interval = heartbeat_interval
         self.heartbeat_misses = heartbeat_misses
         self.main_interval = bus.main_interval if main_interval is None else main_interval
         self.link_options = LinkOptions(max_frame_size=max_frame_size, high_water=high_water)
@@ -290,7 +285,6 @@ class _Incarnation:
         self.exit: ChildExit | None = None
         self.stopping = False
         self.killed_by: str | None = None
-        self.last_beat = 0.0  # anyio.current_time() of the last heartbeat, once ready
         self.pid: int | None = None
         self.control: Link | None = None
         self.undelivered = 0
@@ -310,9 +304,10 @@ class _Incarnation:
                         group.start_soon(self._run_worker, listener.address, listener.token)
                         control = await self._accept(listener, LinkOptions())
                         data = await self._accept(listener, self.child.link_options)
+                        beats = await self._accept(listener, LinkOptions())
                     try:
-                        async with control, data:
-                            await self._serve(control, data)
+                        async with control, data, beats:
+                            await self._serve(control, data, beats)
                     except UndeliveredMessages as lost:
                         self.undelivered = lost.count
         except Exception as error:
@@ -345,7 +340,7 @@ class _Incarnation:
             raise RuntimeError(f"child {self.child.name!r} ended before it connected: {self._result[2]}")
         return link
 
-    async def _serve(self, control: Link, data: Link) -> None:
+    async def _serve(self, control: Link, data: Link, beats: Link) -> None:
         self.control = control
         while (message := await control.receive()) != ("ready",):  # logs come before, and the pid
             if message[0] == "hello":
@@ -354,7 +349,8 @@ class _Incarnation:
                 self._popen = _popen_of(self._process)
             else:
                 self._on_control(message)
-        self.last_beat = anyio.current_time()
+        assert beats.raw_socket is not None  # a Unix socket, from the private listener
+        heartbeats = HeartbeatReader(beats.raw_socket)
         if self.failure is not None:
             return  # spawn gave up on it (too late): no message may go to it
         self.child._set_data(data)
@@ -363,13 +359,13 @@ class _Incarnation:
         try:
             async with anyio.create_task_group() as helpers:
                 helpers.start_soon(self._relay, data, relayed)
-                if self.child.heartbeat_misses is not None:
-                    helpers.start_soon(self._watch_heartbeats)
+                helpers.start_soon(self._watch_heartbeats, heartbeats)
                 try:
                     async for message in control:
                         self._on_control(message)
                 except (anyio.EndOfStream, anyio.BrokenResourceError):
                     pass
+                self._take_heartbeats(heartbeats)  # the child's last word on what it is done with
                 # The child is ending: no message goes to it any more (send waits for the
                 # next incarnation); what it sent before is still on its way.
                 self.child._set_data(None)
@@ -399,7 +395,6 @@ class _Incarnation:
     def _on_control(self, message: tuple[Any, ...]) -> None:
         kind = message[0]
         if kind == "tick":
-            self.last_beat = anyio.current_time()
             self.acknowledged = max(self.acknowledged, int(message[1]))
         elif kind == "log":
             event = dict(message[1])
@@ -408,19 +403,25 @@ class _Incarnation:
             event.pop("timestamp", None)
             self.bus.log(text, level, child=self.child.name, child_pid=self.pid, **event)
 
-    async def _watch_heartbeats(self) -> None:
+    async def _watch_heartbeats(self, heartbeats: HeartbeatReader) -> None:
+        """Look at the child's heartbeats every ``heartbeat_misses`` main intervals (only
+        then: cheap with many children); none since the last look means it hung."""
         misses = self.child.heartbeat_misses
-        assert misses is not None
-        limit = misses * self.child.heartbeat_interval
+        period = (misses or 20) * self.child.main_interval  # without hang detection, still read
         while True:
-            # Wake only when the child would have been silent too long: cheap with many children.
-            await anyio.sleep_until(self.last_beat + limit)
-            silent = anyio.current_time() - self.last_beat
-            if silent >= limit and not self.stopping:
-                self.bus.log(f"Child {self.child.name} hung: no heartbeat for {silent:.1f} s", logging.ERROR)
-                self.killed_by = f"hung (no heartbeat for {silent:.1f} s)"
-                self._signal(signal.SIGKILL)
-                return
+            await anyio.sleep(period)
+            if self._take_heartbeats(heartbeats) or misses is None or self.stopping:
+                continue
+            self.bus.log(f"Child {self.child.name} hung: no heartbeat for {period:.1f} s", logging.ERROR)
+            self.killed_by = f"hung (no heartbeat for {period:.1f} s)"
+            self._signal(signal.SIGKILL)
+            return
+
+    def _take_heartbeats(self, heartbeats: HeartbeatReader) -> bool:
+        arrived, acknowledged = heartbeats.take()
+        if acknowledged is not None:
+            self.acknowledged = max(self.acknowledged, acknowledged)
+        return arrived
 
     async def _run_worker(self, address: str, token: bytes) -> None:
         child = self.child
@@ -433,7 +434,6 @@ class _Incarnation:
                 child.name,
                 os.getpid(),
                 child.main_interval,
-                child.heartbeat_interval,
                 child.link_options,
                 cancellable=True,
                 limiter=child._limiter,

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import pickle
+import socket
 import struct
 from collections import deque
 from dataclasses import dataclass
@@ -418,6 +419,12 @@ class Link:
             raise message.error
         self._messages_received += 1
         return message
+
+    @property
+    def raw_socket(self) -> socket.socket | None:
+        """The non-blocking Unix socket under the link, or None: for bytes sent outside the
+        framing on a link used for nothing else (a child broker's heartbeats)."""
+        return self._socket
 
     def __aiter__(self) -> Link:
         return self

@@ -6,13 +6,14 @@ worker (a fresh interpreter) it:
 1. kills itself as soon as the parent dies (a thread waits on a pidfd of the
    parent), and leaves the parent's process group, so that a terminal Ctrl-C
    reaches the parent only: the parent drives the shutdown;
-2. connects twice to the parent's private listener, presenting the token: a control
-   link (logs, heartbeats, stop and graceful) and a data link (the user's messages);
+2. connects three times to the parent's private listener, presenting the token: a
+   control link (logs, stop and graceful), a data link (the user's messages) and a
+   connection for heartbeats;
 3. forwards everything the child logs (structlog, ``print``, ``sys.stderr``) over the
    control link, so nothing is lost in the worker's ``/dev/null``;
 4. runs a :class:`~aiobus.Bus`, starts it, reports ready, and awaits the user's
-   function ``fn(bus, link)`` (or, for a class, ``fn(bus, link).run()``); a task
-   sends a heartbeat every ``heartbeat_interval`` seconds;
+   function ``fn(bus, link)`` (or, for a class, ``fn(bus, link).run()``); each
+   main tick writes a heartbeat;
 5. on the parent's stop, the data link ends (after the messages already sent) and the
    bus exits once ``fn`` has returned; the worker then ends with the bus's exit code.
 """
@@ -24,6 +25,8 @@ import logging
 import os
 import select
 import signal
+import socket
+import struct
 import sys
 import threading
 from collections.abc import Callable, MutableMapping
@@ -122,7 +125,6 @@ def run_child(
     name: str,
     parent_pid: int,
     main_interval: float,
-    heartbeat_interval: float,
     link_options: LinkOptions,
 ) -> NoReturn:
     """The worker's entry point: run the child, then end the worker with its exit code.
@@ -131,7 +133,7 @@ def run_child(
     worker process ends instead of idling in anyio's pool.
     """
     _die_with_parent(parent_pid)
-    code = anyio.run(_child_main, address, token, fn, name, main_interval, heartbeat_interval, link_options)
+    code = anyio.run(_child_main, address, token, fn, name, main_interval, link_options)
     raise SystemExit(code)
 
 
@@ -167,19 +169,20 @@ async def _child_main(
     fn: Callable[[Bus, ParentLink], Any],
     name: str,
     main_interval: float,
-    heartbeat_interval: float,
     link_options: LinkOptions,
 ) -> int:
     control = await connect_private(address, token)
     data = await connect_private(address, token, **link_options)
-    async with control, data:
+    beats = await connect_private(address, token)
+    async with control, data, beats:
         _forward_output(control, name)
         control.send_nowait(("hello", os.getpid()))
         async with Bus(main_interval=main_interval) as bus:
             bus.start_soon(_forward_fd2, control)
             stop_requested = anyio.Event()
             link = ParentLink(data)
-            bus.start_soon(_heartbeats, control, link, heartbeat_interval)
+            if beats.raw_socket is not None:
+                bus.subscribe("main", Heartbeat(beats.raw_socket, link))
             bus.start_soon(_read_control, control, bus, stop_requested)
             bus.start_soon(_exit_on_sigterm, bus)
             await bus.start()
@@ -210,25 +213,62 @@ async def _run_user(
     return 0
 
 
-#: While messages are being done with, the parent hears of it this often (seconds).
-ACK_PERIOD = 0.1
+#: A heartbeat on the wire: the count of messages the child is done with.
+BEAT = struct.Struct("<Q")
 
 
-async def _heartbeats(control: Link, link: ParentLink, interval: float) -> None:
-    """Tell the parent that the child lives and how many messages it is done with.
+class Heartbeat:
+    """The child's main listener: each main tick writes a heartbeat to the parent.
 
-    Every ``interval`` seconds when idle, so that idle children cost the parent almost
-    nothing; every ACK_PERIOD seconds while messages are being done with, so that the
-    parent knows closely which of those it sent may die with the child.
+    Heartbeats go over a connection of their own, as fixed-size records written without
+    waiting; the parent reads them only when it checks on the child (see
+    :class:`HeartbeatReader`), so an idle child costs its parent next to nothing. Each
+    carries the count of messages the child is done with, so the parent knows which of
+    those it sent may die with the child.
     """
-    period = min(interval, ACK_PERIOD)
-    told, quiet = link.acknowledged, 0.0
-    while True:
-        await anyio.sleep(period)
-        quiet += period
-        if link.acknowledged != told or quiet >= interval:
-            told, quiet = link.acknowledged, 0.0
-            _send_quietly(control, ("tick", told))
+
+    def __init__(self, sock: socket.socket, link: ParentLink) -> None:
+        self._sock = sock
+        self._link = link
+        self._partial = b""  # the unsent end of a record begun: records stay whole on the wire
+
+    def __call__(self) -> None:
+        data = self._partial + BEAT.pack(self._link.acknowledged)
+        try:
+            sent = self._sock.send(data, socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            sent = 0  # the parent has not read for a while: this beat is dropped
+        except OSError:
+            sent = len(data)  # the parent is gone
+        rest = data[sent:]
+        self._partial = rest[: len(rest) % BEAT.size]
+
+
+class HeartbeatReader:
+    """The parent's side of :class:`Heartbeat`: what arrived since the last look."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._buffer = bytearray()
+
+    def take(self) -> tuple[bool, int | None]:
+        """Read without waiting: whether any heartbeat arrived, and the latest count."""
+        arrived = False
+        while True:
+            try:
+                chunk = self._sock.recv(65536, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                break
+            if not chunk:
+                break  # the child closed it: it is ending
+            arrived = True
+            self._buffer += chunk
+        whole = len(self._buffer) - len(self._buffer) % BEAT.size
+        latest = BEAT.unpack_from(self._buffer, whole - BEAT.size)[0] if whole else None
+        del self._buffer[:whole]
+        return arrived, latest
 
 
 async def _cancel_when_exiting(bus: Bus, scope: anyio.CancelScope) -> None:

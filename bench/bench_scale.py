@@ -1,6 +1,6 @@
 """Scale: N child brokers and N programs under one bus: time to start, the parent's idle CPU, memory per child.
 
-    python bench/bench_scale.py [--children N] [--idle S] [--main-interval I] [--heartbeat-interval J] [--profile K]
+    python bench/bench_scale.py [--children N] [--idle S] [--main-interval I] [--child-interval J] [--profile K]
 
 This process is the parent. In one run, one after another:
 
@@ -14,8 +14,8 @@ This process is the parent. In one run, one after another:
    meanwhile, the memory of each kind of process, and the time ``bus.exit()`` takes to stop them all.
 
 CPU is ``resource.getrusage(RUSAGE_SELF)`` (this process only, every thread) over the wall time,
-as a percentage of one core; the children's from /proc/<pid>/stat. A child broker sends a heartbeat
-every 5 s (``ChildBroker``'s default) unless ``--heartbeat-interval``. With ``--profile K``
+as a percentage of one core; the children's from /proc/<pid>/stat. A child broker's main ticks are its
+heartbeats; its main interval is the parent's unless ``--child-interval``. With ``--profile K``
 the idle window of step 3 runs under cProfile and the K costliest functions are printed.
 """
 
@@ -118,7 +118,7 @@ class Scale:
 
 
 async def with_children(
-    count: int, seconds: float, interval: float, heartbeat_interval: float | None, profile: bool
+    count: int, seconds: float, interval: float, child_interval: float | None, profile: bool
 ) -> Scale:
     figures = Scale()
     lines = 0
@@ -135,9 +135,7 @@ async def with_children(
     async with Bus(main_interval=interval) as bus:
         bus.unsubscribe("log", log_to_structlog)  # count the lines instead
         bus.subscribe("log", count_lines)
-        brokers = [ChildBroker(bus, f"broker-{i}", broker) for i in range(count)]
-        for child in brokers:
-            child.heartbeat_interval = heartbeat_interval or child.heartbeat_interval
+        brokers = [ChildBroker(bus, f"broker-{i}", broker, main_interval=child_interval) for i in range(count)]
         programs = [Subprocess(bus, f"program-{i}", SLEEPER) for i in range(count)]
         for each in brokers:
             each.subscribe()
@@ -187,14 +185,14 @@ def main() -> None:
     parser.add_argument("--children", type=int, default=64, help="child brokers, and as many programs")
     parser.add_argument("--idle", type=float, default=5.0, help="seconds of each idle window")
     parser.add_argument("--main-interval", type=float, default=0.1, help="the parent bus's main interval")
-    parser.add_argument("--heartbeat-interval", type=float, default=None, help="the brokers' heartbeat interval")
+    parser.add_argument("--child-interval", type=float, default=None, help="the brokers' main (heartbeat) interval")
     parser.add_argument("--profile", type=int, default=0, help="print the K costliest functions of the idle window")
     args = parser.parse_args()
     n = args.children
 
     bare = bare_interpreters(2 * n)
     bare_cpu = anyio.run(bare_bus_idle, args.idle, args.main_interval)
-    scale = anyio.run(with_children, n, args.idle, args.main_interval, args.heartbeat_interval, args.profile > 0)
+    scale = anyio.run(with_children, n, args.idle, args.main_interval, args.child_interval, args.profile > 0)
 
     brokers = scale.started.get("broker", 0.0)
     rows: list[Sequence[object]] = [
@@ -214,8 +212,8 @@ def main() -> None:
         [f"  all {3 * n} child processes together", scale.children_cpu * 100, ""],
     ]
     title = f"idle CPU over {args.idle:g} s, main interval {args.main_interval:g} s"
-    if args.heartbeat_interval is not None:
-        title += f", heartbeats every {args.heartbeat_interval:g} s"
+    if args.child_interval is not None:
+        title += f", brokers' {args.child_interval:g} s"
     write_table([title, "% of a core", "ratio"], rows)
     sys.stdout.write("\n")
     rows = [["bare interpreter (baseline)", bare.rss, bare.pss, 1.0]]

@@ -158,7 +158,7 @@ async def kill_while_sending(path: Path, *, kills: int, messages: int, senders: 
             NAME,
             child_functions.records,
             supervisor=supervisor,
-            heartbeat_interval=0.01,  # frequent heartbeats: acknowledgements, so the lost counts are tight
+            main_interval=0.01,  # frequent heartbeats: acknowledgements, so the lost counts are tight
             heartbeat_misses=None,  # every kill is ours
             send_timeout=STEP_TIMEOUT,
             high_water=2048,  # a few dozen messages fill the link: sends wait, and some are refused
