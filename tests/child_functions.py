@@ -8,7 +8,7 @@ import time
 import anyio
 import structlog
 
-from aiobus import Bus, ParentLink
+from aiobus import Bus, EndOfLink, ParentLink
 
 
 async def echo(bus: Bus, link: ParentLink) -> None:
@@ -188,3 +188,15 @@ async def stalls_on_first(bus: Bus, link: ParentLink) -> None:
     await ticks.wait()  # heartbeats went out after the message was taken
     await link.send(("took", message))
     await anyio.sleep_forever()
+
+
+async def receives_after_the_end(bus: Bus, link: ParentLink) -> None:
+    """Once the parent has stopped it, ask for a message again and tell the parent what that did."""
+    async for _ in link:
+        pass
+    try:
+        message = await link.receive()
+    except EndOfLink as error:
+        await link.send(("again", type(error).__name__))
+    else:
+        await link.send(("again", message))

@@ -13,7 +13,7 @@ import anyio.to_process
 import child_functions
 import pytest
 from helpers import LogRecorder
-from processes import Spawner, alive
+from processes import Spawner, alive, descendants
 
 from aiobus import (
     CHILD_EXIT_CHANNEL,
@@ -332,6 +332,36 @@ class TestMore:
             broker.unsubscribe()
             assert broker.supervisor is not None and broker.supervisor.children() == []
         assert received == [("echo", n) for n in range(3)]
+
+    async def test_receiving_again_after_the_end_raises_end_of_link_again(self) -> None:
+        """In the child, receive() after the iteration has ended raises EndOfLink again instead of waiting."""
+        async with Bus() as bus:
+            broker = ChildBroker(bus, "again", child_functions.receives_after_the_end, grace=20)
+            broker.subscribe()
+            await bus.start()
+            await bus.stop()
+            with anyio.fail_after(30):
+                assert [message async for message in broker] == [("again", "EndOfLink")]
+            assert broker.state is ChildState.STOPPED
+
+    async def test_a_child_not_ready_within_start_timeout_fails_the_start_and_is_killed(self) -> None:
+        """A start_timeout shorter than a worker's boot fails bus.start() with TimeoutError; no worker is left."""
+        before = descendants()
+        exits: list[ChildExit] = []
+        async with Bus() as bus:
+            bus.subscribe(CHILD_EXIT_CHANNEL, exits.append)
+            ChildBroker(bus, "slow", child_functions.echo, start_timeout=0.001, restart="temporary").subscribe()
+            with anyio.fail_after(30), pytest.raises(ExceptionGroup) as info:
+                await bus.start()
+            assert bus.state is State.EXITING and bus.exit_code == 70
+        [error] = info.value.exceptions
+        assert isinstance(error, TimeoutError)
+        assert str(error) == "child 'slow' was not ready within 0.001 s"
+        [exit] = exits
+        assert exit.name == "slow" and "was not ready within 0.001 s" in exit.reason
+        with anyio.fail_after(10):
+            while alive(sorted(descendants() - before)):  # noqa: ASYNC110 - no event says a process ended
+                await anyio.sleep(0.05)
 
     async def test_sigterm_to_the_child_exits_it_through_its_bus(self, log_recorder: LogRecorder) -> None:
         """A child sent SIGTERM exits cleanly through its own bus (code 0); a permanent one comes back."""

@@ -64,6 +64,15 @@ def with_child(bus):
     ChildBroker(bus, "kid", child).subscribe()
 
 
+def report_umask(bus):
+    def report():
+        mask = os.umask(0)
+        os.umask(mask)
+        bus.log("svc umask", umask=mask)
+
+    bus.subscribe("start", report, priority=80)
+
+
 NOT_CALLABLE = 42
 """
 
@@ -226,6 +235,8 @@ class TestFailures:
             (["--group", "no_such_group_here"], "unknown group 'no_such_group_here'"),
             (["--log-format", "xml"], "--log-format"),
             (["--pidfile", "/no/such/folder/svc.pid"], "/no/such/folder"),
+            (["--umask", "1000"], "must be octal within 000..777, such as 022, not '1000'"),
+            (["--umask", "028"], "--umask: must be octal within 000..777"),
         ],
     )
     def test_a_bad_flag_value_is_one_line_and_exit_code_2(self, spawn: Spawner, args: list[str], named: str) -> None:
@@ -238,6 +249,14 @@ class TestFailures:
         (spawn.directory / "watchfiles.py").write_text("raise ImportError('watchfiles hidden by the test')\n")
         line = single_error_line(run(spawn, "run", "svc:setup", "--reload"))
         assert "pip install aiobus[reload]" in line
+
+    def test_umask_is_set_at_start(self, spawn: Spawner) -> None:
+        """--umask 027 (octal) is the process's umask once it has started."""
+        child = run(spawn, "run", "svc:report_umask", "--log-format", "json", "--umask", "027")
+        child.wait_for('"svc umask"', timeout=WAIT)
+        stop_cleanly(child)
+        [reported] = [event for event in child.events() if event["event"] == "svc umask"]
+        assert reported["umask"] == 0o027
 
 
 class TestReload:

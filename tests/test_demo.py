@@ -76,6 +76,10 @@ def test_json_and_duration(spawn: Spawner) -> None:
 def test_ctrl_c_typed_in_a_real_terminal_stops_the_demo_cleanly() -> None:
     """^C typed on the demo's own terminal (a pty it controls) stops it: exit 0, every order executed."""
     master, slave = os.openpty()
+    # No echo: the terminal would echo ^C into the middle of whatever line the demo is writing.
+    attrs = termios.tcgetattr(slave)
+    attrs[3] &= ~(termios.ECHO | termios.ECHOCTL)
+    termios.tcsetattr(slave, termios.TCSANOW, attrs)
     output = bytearray()
     seen = threading.Condition()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import os
 import pickle
+import shutil
 import stat
 import subprocess
 import sys
@@ -295,3 +296,62 @@ async def test_a_listener_is_entered_only_once_and_accepts_only_inside() -> None
     with pytest.raises(RuntimeError, match="only once"):
         async with listener:
             pass
+
+
+async def test_a_directory_removed_meanwhile_is_not_an_error_at_exit() -> None:
+    """If something removed the listener's directory during the block, leaving it does not raise."""
+    async with PrivateListener() as listener:
+        directory = os.path.dirname(listener.address)
+        shutil.rmtree(directory)
+    assert not await anyio.Path(directory).exists()
+
+
+async def test_accept_timing_out_during_a_handshake_closes_that_peer() -> None:
+    """accept's timeout ends a handshake under way: TimeoutError, and the silent peer's connection is closed."""
+    log = LogRecorder()
+    async with PrivateListener(log=log, handshake_timeout=60) as listener:
+        async with await anyio.connect_unix(listener.address) as raw:
+            with pytest.raises(TimeoutError, match="no child presented the token"):
+                await listener.accept(timeout=0.2)
+            with anyio.fail_after(10), pytest.raises((anyio.EndOfStream, anyio.BrokenResourceError)):
+                await raw.receive()
+    assert log.records == []  # cancelled, not refused: nothing to report about the peer
+
+
+async def test_a_listener_answering_something_else_than_ok_is_refused(tmp_path: Path) -> None:
+    """connect_private raises PermissionError naming the reply when the listener answers the token with a wrong byte."""
+    received = bytearray()
+
+    async def serve(stream: anyio.abc.SocketStream) -> None:
+        async with stream:
+            while len(received) < 32:
+                received.extend(await stream.receive(32 - len(received)))
+            await stream.send(b"\x02")
+
+    async with await anyio.create_unix_listener(tmp_path / "fake") as server, anyio.create_task_group() as group:
+        group.start_soon(server.serve, serve)
+        with pytest.raises(PermissionError, match=r"answered b'\\x02', not OK"):
+            await connect_private(str(tmp_path / "fake"), bytes(range(32)))
+        group.cancel_scope.cancel()
+    assert bytes(received) == bytes(range(32))
+
+
+@linux_only
+@as_root
+async def test_a_peer_of_another_user_is_refused_and_logged(spawn: Spawner) -> None:
+    """A process of another user that reaches the socket (permissions opened up) is refused by uid and logged;
+    the right peer is still accepted after it."""
+    log = LogRecorder()
+    accepted: list[object] = []
+    async with PrivateListener(log=log) as listener, anyio.create_task_group() as group:
+        os.chmod(os.path.dirname(listener.address), 0o755)
+        os.chmod(listener.address, 0o777)
+        group.start_soon(accept_one, listener, accepted)
+        code = "import socket, sys; s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); print(repr(s.recv(1)))"
+        child = spawn.run([python_for_nobody(), "-c", code, listener.address], user=NOBODY)
+        assert "b''" == await anyio.to_thread.run_sync(child.wait_for, "b", 60)
+        assert 0 == await anyio.to_thread.run_sync(child.wait, 60)
+        (refusal,) = log.matching("peer of another user refused")
+        assert (child.pid, NOBODY, 30) == (refusal.fields["pid"], refusal.fields["uid"], refusal.level)
+        await connect_and_send(listener, "hello")
+    assert ["hello"] == accepted

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
 import os
+import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -327,3 +332,131 @@ class TestFileEdgeCases:
             assert path.read_text() == f"{os.getpid()}\n"
         assert plugin.pid is None
         assert not path.exists()
+
+
+# argv: the PID file. Starts as root, becomes nobody before the bus exists (imports done first).
+AS_NOBODY = """
+import os, pwd, sys
+import anyio, anyio._backends._asyncio
+from aiobus import Bus, ChannelFailures, configure_logging
+from aiobus.plugins.pidfile import PIDFile
+
+nobody = pwd.getpwnam("nobody")
+os.setgroups([nobody.pw_gid])
+os.setgid(nobody.pw_gid)
+os.setuid(nobody.pw_uid)
+
+async def main() -> int:
+    async with Bus() as bus:
+        PIDFile(bus, sys.argv[1]).subscribe()
+        try:
+            await bus.start()
+        except ChannelFailures:
+            print("outcome: failed")
+        else:
+            print("outcome: started")
+    return bus.exit_code
+
+configure_logging(format="json")
+raise SystemExit(anyio.run(main))
+"""
+
+# argv: the PID file. Written as root (70), then the process becomes nobody (77).
+THEN_DROP = """
+import sys
+import anyio
+from aiobus import Bus, configure_logging
+from aiobus.plugins.pidfile import PIDFile
+from aiobus.plugins.privileges import DropPrivileges
+
+async def main() -> int:
+    async with Bus() as bus:
+        PIDFile(bus, sys.argv[1]).subscribe()
+        DropPrivileges(bus, uid="nobody").subscribe()
+        await bus.start()
+    return bus.exit_code
+
+configure_logging(format="json")
+raise SystemExit(anyio.run(main))
+"""
+
+needs_root_and_nobody = pytest.mark.skipif(
+    os.geteuid() != 0 or not os.path.exists("/proc/1"), reason="needs root (to become nobody) and a pid 1"
+)
+
+
+@pytest.fixture
+def shared_folder() -> Iterator[Path]:
+    """A folder (owned by root, mode 0755) that nobody may read but not write: tmp_path is private to root."""
+    folder = Path(tempfile.mkdtemp(prefix="aiobus-test-"))
+    os.chmod(folder, 0o755)
+    yield folder
+    shutil.rmtree(folder)
+
+
+class TestUnusualFiles:
+    async def test_folder_that_is_a_file_is_an_error_at_construction(self, tmp_path: Path) -> None:
+        """A PID file whose folder is a regular file is refused by the constructor, naming that file."""
+        plain = tmp_path / "plain"
+        plain.write_text("not a folder\n")
+        async with Bus() as bus:
+            with pytest.raises(NotADirectoryError, match="is not a folder") as info:
+                PIDFile(bus, plain / "service.pid")
+        assert info.value.filename == str(plain)
+
+    async def test_fifo_at_the_path_fails_the_start_and_is_left(self, pid_path: Path) -> None:
+        """A named pipe where the PID file should be fails the start (not a regular file) and is left in place."""
+        os.mkfifo(pid_path)
+        async with Bus() as bus:
+            plugin = PIDFile(bus, pid_path)
+            plugin.subscribe()
+            with pytest.raises(ChannelFailures) as info:
+                await bus.start()
+        [error] = info.value.exceptions
+        assert isinstance(error, PermissionError)
+        assert "not a regular file" in str(error)
+        assert stat.S_ISFIFO(os.lstat(pid_path).st_mode)
+        assert plugin.pid is None
+        assert os.listdir(pid_path.parent) == [pid_path.name]
+
+    async def test_socket_at_the_path_fails_the_start_with_the_os_error(self, tmp_path: Path) -> None:
+        """A Unix socket at the path cannot be opened: the start fails with that OS error, the socket is left."""
+        path = tmp_path / "service.pid"
+        with socket.socket(socket.AF_UNIX) as server:
+            server.bind(str(path))
+            async with Bus() as bus:
+                PIDFile(bus, path).subscribe()
+                with pytest.raises(ChannelFailures) as info:
+                    await bus.start()
+                assert bus.exit_code == 70
+        [error] = info.value.exceptions
+        assert isinstance(error, OSError) and error.errno == errno.ENXIO
+        assert stat.S_ISSOCK(os.lstat(path).st_mode)
+        assert sorted(os.listdir(tmp_path)) == ["service.pid"]
+
+
+@needs_root_and_nobody
+class TestAsAnotherUser:
+    def test_file_naming_a_process_we_may_not_signal_fails_the_start(self, spawn: Spawner, shared_folder: Path) -> None:
+        """Run as nobody, an unlocked file naming pid 1 (alive, but not ours to signal) still counts as running."""
+        pid_path = shared_folder / "service.pid"
+        pid_path.write_text("1\n")
+        child = spawn.script(AS_NOBODY, str(pid_path))
+        assert child.wait(timeout=60) == 70, child.output
+        assert child.wait_for("outcome:") == "outcome: failed"
+        assert "names process 1, which is running" in child.output
+        assert pid_path.read_text() == "1\n"
+        assert os.listdir(shared_folder) == [pid_path.name]
+
+    def test_file_that_cannot_be_removed_at_exit_is_warned_about(self, spawn: Spawner, shared_folder: Path) -> None:
+        """Written as root, then run as nobody in a folder nobody may not write: exit warns and leaves the file."""
+        pid_path = shared_folder / "service.pid"
+        child = spawn.script(THEN_DROP, str(pid_path))
+        assert child.wait(timeout=60) == 0, child.output
+        [warning] = warnings_of(child)
+        assert warning["event"] == f"PID file {pid_path} could not be removed (Permission denied)"
+        assert warning["path"] == str(pid_path)
+        assert pid_path.read_text() == f"{child.pid}\n"
+        assert not any("removed" in event["event"] and event["level"] == "info" for event in child.events())
+        with open(pid_path) as file:  # the lock went with the process
+            fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)

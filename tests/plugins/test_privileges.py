@@ -7,6 +7,7 @@ import os
 import pwd
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -168,6 +169,44 @@ class TestAsRoot:
         finally:
             shutil.rmtree(folder)
 
+    def test_uid_and_gid_without_entries_drop_to_that_group_alone(self, spawn: Spawner) -> None:
+        """Numbers no user or group has are taken as they are: the supplementary groups become just that gid."""
+        number = unused_uid()
+        child = run_service(spawn, uid=str(number), gid=number)
+        assert child.proc.returncode == 0, child.output
+        assert identity_of(child) == {"uids": [number] * 3, "gids": [number] * 3, "groups": [number], "umask": 0o022}
+        assert event(child, "Privileges after the drop")["groups"] == [number]
+
+
+def user_namespaces_work() -> bool:
+    try:
+        done = subprocess.run(["unshare", "--user", "--map-root-user", "true"], capture_output=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return done.returncode == 0
+
+
+@pytest.mark.skipif(not user_namespaces_work(), reason="needs unshare and user namespaces")
+class TestInAUserNamespace:
+    def test_step_failing_undoes_nothing_it_cannot_and_says_so(self, spawn: Spawner) -> None:
+        """Root of a user namespace (all capabilities) asking for a group the namespace does not map: setgid fails,
+        the groups cannot be put back (setgroups is denied there) and that is logged; the start fails with the
+        OS error and the identity is unchanged."""
+        number = unused_uid()
+        path = spawn.directory / "service.py"
+        path.write_text(SERVICE)
+        arguments = json.dumps({"gid": number, "umask": 0o077})
+        child = spawn.run(["unshare", "--user", "--map-root-user", sys.executable, str(path), arguments, "as-is"])
+        assert child.wait(timeout=60) == 70, child.output
+        child.assert_nothing_left()
+        assert child.wait_for("outcome: ") == "outcome: failed"
+        assert "Bus STARTED" not in child.output
+        assert "[Errno 22] Invalid argument" in child.output
+        restore = event(child, "Could not restore the groups after a failed drop")
+        assert restore["level"] == "error"
+        assert not [e for e in child.events() if "Privileges after the drop" in e["event"]]
+        assert identity_of(child) == {"uids": [0, 0, 0], "gids": [0, 0, 0], "groups": [], "umask": 0o022}
+
 
 @needs_root  # to turn the child into nobody
 @needs_nobody
@@ -272,3 +311,10 @@ class TestArguments:
         async with Bus() as bus:
             with pytest.raises(error):
                 DropPrivileges(bus, **arguments)
+
+    async def test_numbers_given_as_text_without_entries_are_taken_as_numbers(self) -> None:
+        """A uid and a gid written as digits that name no user or group are the numbers themselves."""
+        number = unused_uid()
+        async with Bus() as bus:
+            plugin = DropPrivileges(bus, uid=str(number), gid=str(number))
+        assert (plugin.uid, plugin.gid, plugin.user) == (number, number, None)

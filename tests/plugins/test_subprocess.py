@@ -518,3 +518,96 @@ class TestReadinessArguments:
         """LineReady needs a valid regular expression and stdout, stderr or None as its stream."""
         with pytest.raises(ValueError, match=match):
             LineReady(**kwargs)
+
+
+class TestMisuse:
+    def test_argument_items_environment_and_signal_of_the_wrong_kind_are_refused(self) -> None:
+        """Bytes in argv, a NUL in an argument, a non-str environment value, a signal name: clear errors."""
+        bus = Bus()
+        with pytest.raises(TypeError, match="each argument in argv must be a str or a path, not b'true'"):
+            Subprocess(bus, "p", [b"true"])  # type: ignore[list-item]
+        with pytest.raises(ValueError, match="contains a NUL character"):
+            Subprocess(bus, "p", ["echo", "a\0b"])
+        with pytest.raises(TypeError, match="env must be a mapping of str to str"):
+            Subprocess(bus, "p", ["true"], env={"PORT": 8080})  # type: ignore[dict-item]
+        with pytest.raises(TypeError, match="stop_signal must be a signal number, not 'SIGTERM'"):
+            Subprocess(bus, "p", ["true"], stop_signal="SIGTERM")  # type: ignore[arg-type]
+        program = Subprocess(bus, "p", [Path("/bin/true"), "x"])
+        assert program.argv == ["/bin/true", "x"]
+        assert repr(program) == "<Subprocess 'p' ['/bin/true', 'x'] stopped>"
+
+    def test_unsubscribing_a_program_not_in_the_group_changes_nothing(self) -> None:
+        """unsubscribe() of a program never subscribed leaves the group as it is, even one of the same name."""
+        bus = Bus()
+        Subprocess(bus, "lonely", ["true"]).unsubscribe()
+        assert default_supervisor(bus).children() == []
+        first = Subprocess(bus, "p", ["true"])
+        first.subscribe()
+        Subprocess(bus, "p", ["false"]).unsubscribe()
+        assert [info.name for info in default_supervisor(bus).children()] == ["p"]
+        assert default_supervisor(bus)["p"] is first
+
+    async def test_wait_before_any_start_is_an_error(self) -> None:
+        """wait() on a program never started says so instead of waiting for ever."""
+        async with Bus() as bus:
+            with pytest.raises(RuntimeError, match="'p' was never started"):
+                await Subprocess(bus, "p", ["true"]).wait()
+
+    async def test_spawning_a_running_program_again_is_refused(self, where: Path) -> None:
+        """A second spawn of a running program raises, and the running one is left alone."""
+        async with quiet_bus() as (bus, _, _):
+            program = Subprocess(bus, "sleeper", script(where, "sleeper", SLEEPER), ready=LineReady("pid"))
+            program.subscribe()
+            await bus.start()
+            pid = program.pid
+            assert pid is not None
+            with pytest.raises(RuntimeError, match="'sleeper' is already running"):
+                await program.spawn()
+            assert program.pid == pid and alive([pid]) == [pid]
+        assert not alive([pid])
+
+    async def test_missing_working_directory_fails_the_start_naming_the_program(self, where: Path) -> None:
+        """A cwd that does not exist makes bus.start() fail with FileNotFoundError; nothing was started."""
+        async with quiet_bus() as (bus, _, exits):
+            Subprocess(bus, "lost", [sys.executable, "-c", "pass", str(where)], cwd=where / "missing").subscribe()
+            with pytest.raises(ChannelFailures) as info:
+                await bus.start()
+            assert bus.exit_code == 70
+        [error] = info.value.exceptions
+        assert isinstance(error, FileNotFoundError)
+        assert "program 'lost' could not be started: No such file or directory" in str(error)
+        assert "could not be started" in exits.exits[0].reason
+
+    async def test_program_killed_by_a_realtime_signal_is_reported_by_number(self, where: Path) -> None:
+        """A signal without a name (SIGRTMIN+1) is reported as "signal N" in the exit."""
+        number = signal.SIGRTMIN + 1
+        argv = [sys.executable, "-c", f"import os; os.kill(os.getpid(), {number})", str(where)]
+        async with quiet_bus() as (bus, _, exits):
+            Subprocess(bus, "rt", argv, restart="temporary").subscribe()
+            await bus.start()
+            [exit] = await exits.wait_for()
+        assert (exit.exit_code, exit.signal, exit.expected) == (None, f"signal {number}", False)
+        assert f"was killed by signal {number}" in exit.reason
+
+    async def test_program_whose_supervisor_was_skipped_is_killed_when_the_bus_ends(self, where: Path) -> None:
+        """A stop listener hanging past stop_timeout skips the supervisor's stop: the program is killed all the same."""
+        async with Bus(stop_timeout=0.5) as bus:
+            recorder = LogRecorder()
+            bus.unsubscribe("log", log_to_structlog)
+            bus.subscribe("log", recorder)
+            program = Subprocess(bus, "sleeper", script(where, "sleeper", SLEEPER), ready=LineReady("pid"))
+            program.subscribe()
+
+            async def hang() -> None:
+                await anyio.sleep_forever()
+
+            bus.subscribe("stop", hang, priority=10)
+            await bus.start()
+            pid = program.pid
+            assert pid is not None
+            with anyio.fail_after(WAIT):
+                await bus.exit()
+            assert alive([pid]) == [pid]  # the supervisor's stop (20) was skipped
+        assert bus.exit_code == 70
+        assert not alive([pid])
+        assert program.pid is None
