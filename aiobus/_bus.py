@@ -214,7 +214,9 @@ class Bus:
                 if listener.is_async or (result is not None and inspect.isawaitable(result)):
                     result = await result
             except Exception as exc:
-                failures = [*(failures or ()), exc]
+                if failures is None:
+                    failures = []
+                failures.append(exc)
                 self.log(
                     f"Listener {listener.name} of channel {channel!r} failed",
                     logging.ERROR,

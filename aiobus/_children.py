@@ -31,7 +31,15 @@ import anyio.to_process
 from anyio.abc import Process
 
 from ._bus import Bus
-from ._link import EndOfLink, Link, LinkOptions, UndecodableFrame, UndeliveredMessages, check_link_options
+from ._link import (
+    EndOfLink,
+    Link,
+    LinkOptions,
+    Skipped,
+    UndecodableFrame,
+    UndeliveredMessages,
+    check_link_options,
+)
 from ._private import PrivateListener
 from ._supervision import Child, ChildExit, ChildState, Restart, Supervisor, default_supervisor
 from ._worker import EndOfInput, HeartbeatReader, ParentLink, Receiver, run_child
@@ -63,11 +71,8 @@ class _Inbox:
         self.notify()
 
 
-class _Undecodable:
-    """In the inbox, in place of a message from the child that did not unpickle."""
-
-    def __init__(self, error: UndecodableFrame) -> None:
-        self.error = error
+#: Main ticks a child may miss before it counts as hung, unless told otherwise.
+HEARTBEAT_MISSES = 20
 
 
 class ChildUnavailable(RuntimeError):
@@ -124,7 +129,7 @@ class ChildBroker(Child, Receiver):
         term_grace: float = 2.0,
         start_timeout: float = 30.0,
         send_timeout: float = 10.0,
-        heartbeat_misses: int | None = 20,
+        heartbeat_misses: int | None = HEARTBEAT_MISSES,
         main_interval: float | None = None,
         max_frame_size: int = 16 * 2**20,
         high_water: int = 2**20,
@@ -224,7 +229,7 @@ class ChildBroker(Child, Receiver):
             await inbox.wait()  # woken by a message, a new incarnation or a change of state
         message = inbox.items.popleft()
         inbox.notify()
-        if isinstance(message, _Undecodable):
+        if type(message) is Skipped:
             raise message.error
         return message
 
@@ -385,7 +390,7 @@ class _Incarnation:
                     self.bus.log(
                         f"Child {self.child.name}: {error}", logging.ERROR, child=self.child.name, child_pid=self.pid
                     )
-                    message = _Undecodable(error)
+                    message = Skipped(error)
                 await self.child._inbox.put(message)
         except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
             pass
@@ -407,7 +412,7 @@ class _Incarnation:
         """Look at the child's heartbeats every ``heartbeat_misses`` main intervals (only
         then: cheap with many children); none since the last look means it hung."""
         misses = self.child.heartbeat_misses
-        period = (misses or 20) * self.child.main_interval  # without hang detection, still read
+        period = (misses or HEARTBEAT_MISSES) * self.child.main_interval  # without hang detection, still read
         while True:
             await anyio.sleep(period)
             if self._take_heartbeats(heartbeats) or misses is None or self.stopping:

@@ -80,8 +80,11 @@ class EndOfLink(anyio.EndOfStream):
     """The peer closed the link cleanly, between two frames."""
 
 
-class _Skipped:
-    """In the queue of decoded messages, in the place of one that did not unpickle."""
+class Skipped:
+    """In a queue of messages, in the place of one that did not unpickle (its error).
+
+    Within the package: a link's decoded messages, and a child broker's inbox.
+    """
 
     __slots__ = ("error",)
 
@@ -184,7 +187,7 @@ class Link:
         self._closed = False
         # Receiving: bytes of a frame not complete yet, and messages decoded and not returned.
         self._unparsed = bytearray()
-        self._messages: deque[Any] = deque()  # and _Skipped errors, in their place
+        self._messages: deque[Any] = deque()  # and Skipped errors, in their place
         self._frames_read = 0
         self._corrupt: CorruptFrame | None = None
         self._receiving = False
@@ -415,7 +418,7 @@ class Link:
             self._bytes_received += len(chunk)
             self._parse(chunk)
         message = self._messages.popleft()
-        if type(message) is _Skipped:
+        if type(message) is Skipped:
             raise message.error
         self._messages_received += 1
         return message
@@ -477,7 +480,7 @@ class Link:
                         f"{exc!r}; that message is skipped"
                     )
                     error.__cause__ = exc
-                    self._messages.append(_Skipped(error))
+                    self._messages.append(Skipped(error))
                 pos = stop
         del data[:pos]
 

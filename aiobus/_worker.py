@@ -257,9 +257,7 @@ class HeartbeatReader:
         while True:
             try:
                 chunk = self._sock.recv(65536, socket.MSG_DONTWAIT)
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError:
+            except OSError:  # nothing more for now (BlockingIOError), or the child is gone
                 break
             if not chunk:
                 break  # the child closed it: it is ending

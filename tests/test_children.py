@@ -36,10 +36,10 @@ def is_alive(pid: int) -> bool:
     return bool(alive([pid]))
 
 
-async def wait_gone(pid: int, seconds: float = 10) -> None:
-    """Wait until the process has ended (no event tells it: look at /proc now and then)."""
+async def wait_gone(*pids: int, seconds: float = 10) -> None:
+    """Wait until the processes have ended (no event tells it: look at /proc now and then)."""
     with anyio.fail_after(seconds):
-        while is_alive(pid):  # noqa: ASYNC110
+        while alive(list(pids)):  # noqa: ASYNC110
             await anyio.sleep(0.02)
 
 
@@ -359,9 +359,7 @@ class TestMore:
         assert str(error) == "child 'slow' was not ready within 0.001 s"
         [exit] = exits
         assert exit.name == "slow" and "was not ready within 0.001 s" in exit.reason
-        with anyio.fail_after(10):
-            while alive(sorted(descendants() - before)):  # noqa: ASYNC110 - no event says a process ended
-                await anyio.sleep(0.05)
+        await wait_gone(*(descendants() - before))
 
     async def test_sigterm_to_the_child_exits_it_through_its_bus(self, log_recorder: LogRecorder) -> None:
         """A child sent SIGTERM exits cleanly through its own bus (code 0); a permanent one comes back."""
