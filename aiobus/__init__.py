@@ -24,6 +24,8 @@ from ._bus import BusStatistics as BusStatistics
 from ._channels import ChannelFailures as ChannelFailures
 from ._children import ChildBroker as ChildBroker
 from ._children import ChildUnavailable as ChildUnavailable
+from ._children import LineSplitter as LineSplitter
+from ._children import ParentLink as ParentLink
 from ._daemon import Daemon as Daemon
 from ._daemon import daemonize as daemonize
 from ._link import CorruptFrame as CorruptFrame
@@ -50,7 +52,6 @@ from ._supervision import Restart as Restart
 from ._supervision import Strategy as Strategy
 from ._supervision import Supervisor as Supervisor
 from ._supervision import default_supervisor as default_supervisor
-from ._worker import ParentLink as ParentLink
 
 __all__ = [
     "CHILD_EXIT_CHANNEL",
@@ -67,6 +68,7 @@ __all__ = [
     "Daemon",
     "EndOfLink",
     "FrameTooLarge",
+    "LineSplitter",
     "Link",
     "LinkError",
     "LinkStatistics",

@@ -126,6 +126,10 @@ class Child(abc.ABC):
     """
 
     kind = "child"
+    #: The bus it runs along with (set by the subclass).
+    bus: Bus
+    #: The group it joins on :meth:`subscribe`; the bus's default group if None.
+    supervisor: Supervisor | None = None
 
     def __init__(self, name: str, restart: Restart | str = Restart.PERMANENT) -> None:
         if not isinstance(name, str) or not name:
@@ -136,6 +140,28 @@ class Child(abc.ABC):
         self.restarts = 0
         self.last_exit: ChildExit | None = None
         self.started_at: float | None = None
+
+    # -- as a plugin ------------------------------------------------------------------
+
+    def subscribe(self) -> None:
+        """Join the supervisor's group (the bus's default one unless given another), once:
+        from then on it starts and stops with the bus."""
+        group = self._group()
+        if self not in group._children:
+            group.add(self)
+
+    def unsubscribe(self) -> None:
+        """Leave the supervisor's group; the child must not be running."""
+        group = self._group()
+        if self in group._children:
+            group.remove(self)
+
+    def _group(self) -> Supervisor:
+        if self.supervisor is None:
+            self.supervisor = default_supervisor(self.bus)
+        return self.supervisor
+
+    # -- its state ----------------------------------------------------------------------
 
     @property
     def state(self) -> ChildState:
@@ -175,15 +201,27 @@ class Child(abc.ABC):
         """
 
     @abc.abstractmethod
-    async def terminate(self) -> None:
+    async def terminate(self, budget: float | None = None) -> None:
         """End the running incarnation gracefully, then by force; return once it has ended.
 
-        The exit that :meth:`wait` then reports has ``expected=True``. Calling it when
-        nothing runs does nothing.
+        The exit that :meth:`wait` then reports has ``expected=True``, and its reason says
+        what really happened (stopped by its stop signal, or killed, after how long, and why).
+        Calling it when nothing runs does nothing. A call while another is under way (say,
+        a forced shutdown overtaking a stop) shortens the time left to the new budget.
 
-        Timeouts are the implementation's (a grace period, then a kill). The supervisor
-        shields it from cancellation.
+        Args:
+            budget: seconds it may take in all. None: the child's own :attr:`stop_budget`
+                (a grace period, then a kill). A shorter budget still asks the child to
+                stop first, and kills what is left when the budget is spent.
+
+        The supervisor shields it from cancellation.
         """
+
+    @property
+    def stop_budget(self) -> float:
+        """The longest :meth:`terminate` takes with no budget of its own, in seconds (0 unless a
+        subclass says so): its grace periods, before the kill."""
+        return 0.0
 
     async def graceful(self) -> None:  # noqa: B027 - an optional hook, not an abstract one
         """Pass the bus's graceful on to the child (nothing, unless a subclass says so).

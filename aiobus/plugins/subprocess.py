@@ -5,7 +5,7 @@ bus's default one unless given another): the same restart policies, strategies, 
 and backoff as child brokers, its exits published on ``child_exit``, and one listing.
 
 **No orphans.** ``anyio.open_process`` has no ``preexec_fn``, so each program starts
-through a launcher script (``aiobus/_launcher.py``, run as ``python -I`` in a session of
+through a launcher script (``aiobus/plugins/_launcher.py``, run as ``python -I`` in a session of
 its own). The launcher, a child subreaper, starts the program in a session and process
 group of its own and holds the read end of a pipe whose write end only the supervising
 process holds. When that process dies, even by SIGKILL, the kernel closes the pipe, and
@@ -38,13 +38,13 @@ from dataclasses import dataclass, field
 import anyio
 from anyio.abc import ByteReceiveStream, Process
 
-from aiobus import Bus, Child, ChildExit, Restart, Supervisor, default_supervisor
+from aiobus import Bus, Child, ChildExit, LineSplitter, Restart, Supervisor
 
-from ._output import LineReady, LineSplitter, PortReady
+from ._readiness import LineReady, PortReady
 
 __all__ = ["LineReady", "PortReady", "Subprocess"]
 
-LAUNCHER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "_launcher.py")
+LAUNCHER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_launcher.py")  # beside this module
 LAUNCH_TIMEOUT = 30.0  # seconds for the launcher to say whether the program could be run
 OUTPUT_DRAIN = 5.0  # seconds to read what is left in the pipes once the program's tree has ended
 STOP_MARGIN = 5.0  # seconds beyond stop_timeout before the supervisor kills the launcher itself
@@ -190,28 +190,6 @@ class Subprocess(Child):
     def __repr__(self) -> str:
         return f"<Subprocess {self.name!r} {self.argv!r} {self.state}>"
 
-    def subscribe(self) -> None:
-        """Join the supervisor's group (once): started with the bus from then on."""
-        group = self._group()
-        try:
-            if group[self.name] is self:
-                return
-        except KeyError:
-            pass
-        group.add(self)
-
-    def unsubscribe(self) -> None:
-        """Leave the supervisor's group; the program must not be running."""
-        group = self._group()
-        try:
-            if group[self.name] is self:
-                group.remove(self)
-        except KeyError:
-            pass
-
-    def _group(self) -> Supervisor:
-        return self.supervisor if self.supervisor is not None else default_supervisor(self.bus)
-
     @property
     def pid(self) -> int | None:
         """The running program's process id (not the launcher's)."""
@@ -255,7 +233,11 @@ class Subprocess(Child):
         assert run.exit is not None
         return run.exit
 
-    async def terminate(self) -> None:
+    @property
+    def stop_budget(self) -> float:
+        return self.stop_timeout
+
+    async def terminate(self, budget: float | None = None) -> None:
         """Stop the program: ``stop_signal`` to its group, SIGKILL ``stop_timeout`` s later.
 
         Returns once the program and its descendants have ended; the exit is reported with

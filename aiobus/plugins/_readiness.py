@@ -1,4 +1,4 @@
-"""What the Subprocess plugin reads of a program: its output, line by line, and whether it is ready."""
+"""Readiness checks of the Subprocess plugin: whether a program is ready."""
 
 from __future__ import annotations
 
@@ -7,44 +7,6 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import anyio
-
-
-class LineSplitter:
-    """Splits a byte stream into text lines, each at most ``limit`` bytes, the rest cut with a marker."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.buffer = bytearray()
-        self.cut = 0
-
-    def feed(self, data: bytes) -> list[str]:
-        lines = []
-        start = 0
-        while (end := data.find(b"\n", start)) >= 0:
-            self._keep(data[start:end])
-            lines.append(self._take())
-            start = end + 1
-        self._keep(data[start:])
-        return lines
-
-    def flush(self) -> str | None:
-        """The last line, if it had no newline."""
-        return self._take() if self.buffer or self.cut else None
-
-    def _keep(self, piece: bytes) -> None:
-        room = max(0, self.limit - len(self.buffer))
-        self.buffer += piece[:room]
-        self.cut += max(0, len(piece) - room)
-
-    def _take(self) -> str:
-        if not self.cut and self.buffer.endswith(b"\r"):
-            del self.buffer[-1:]
-        text = self.buffer.decode("utf-8", errors="replace")
-        if self.cut:
-            text += f"… [cut: {self.cut} bytes]"
-        self.buffer.clear()
-        self.cut = 0
-        return text
 
 
 @dataclass(frozen=True)

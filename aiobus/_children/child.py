@@ -35,10 +35,10 @@ from typing import Any, NoReturn
 import anyio
 import structlog
 
-from ._bus import Bus
-from ._link import EndOfLink, Link, LinkOptions, UndecodableFrame
-from ._private import connect_private
-from ._state import State
+from .._bus import Bus
+from .._link import EndOfLink, Link, LinkOptions, UndecodableFrame
+from .._private import connect_private
+from .._state import State
 
 EXIT_FAILED = 1
 

@@ -30,8 +30,8 @@ import anyio
 import anyio.to_process
 from anyio.abc import Process
 
-from ._bus import Bus
-from ._link import (
+from .._bus import Bus
+from .._link import (
     EndOfLink,
     Link,
     LinkOptions,
@@ -40,9 +40,9 @@ from ._link import (
     UndeliveredMessages,
     check_link_options,
 )
-from ._private import PrivateListener
-from ._supervision import Child, ChildExit, ChildState, Restart, Supervisor, default_supervisor
-from ._worker import EndOfInput, HeartbeatReader, ParentLink, Receiver, run_child
+from .._private import PrivateListener
+from .._supervision import Child, ChildExit, ChildState, Restart, Supervisor
+from .child import EndOfInput, HeartbeatReader, ParentLink, Receiver, run_child
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 _LEVELS["critical"] = logging.CRITICAL
@@ -161,19 +161,6 @@ class ChildBroker(Child, Receiver):
         self._changed = anyio.Event()  # set (and replaced) when an incarnation comes up or ends
         self._incarnation: _Incarnation | None = None
 
-    # -- as a plugin ------------------------------------------------------------------
-
-    def subscribe(self) -> None:
-        """Join the supervisor (the bus's default group unless one was given)."""
-        if self.supervisor is None:
-            self.supervisor = default_supervisor(self.bus)
-        self.supervisor.add(self)
-
-    def unsubscribe(self) -> None:
-        """Leave the supervisor (the child must be stopped)."""
-        if self.supervisor is not None:
-            self.supervisor.remove(self)
-
     # -- messages ---------------------------------------------------------------------
 
     async def send(self, obj: Any) -> None:
@@ -267,7 +254,11 @@ class ChildBroker(Child, Receiver):
         assert self._incarnation.exit is not None
         return self._incarnation.exit
 
-    async def terminate(self) -> None:
+    @property
+    def stop_budget(self) -> float:
+        return self.grace + self.term_grace
+
+    async def terminate(self, budget: float | None = None) -> None:
         incarnation = self._incarnation
         if incarnation is None or incarnation.ended.is_set():
             return
