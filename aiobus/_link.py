@@ -188,6 +188,10 @@ class Link:
         # Receiving: bytes of a frame not complete yet, and messages decoded and not returned.
         self._unparsed = bytearray()
         self._messages: deque[Any] = deque()  # and Skipped errors, in their place
+        self._sizes: deque[int] = deque()  # the payload size of each, in the same order
+        #: The pickled size, in bytes, of the message the last :meth:`receive` returned.
+        self.last_size = 0
+        self._finished = False
         self._frames_read = 0
         self._corrupt: CorruptFrame | None = None
         self._receiving = False
@@ -259,6 +263,24 @@ class Link:
             self._check_can_send()
         self._append(frame)
 
+    def finish(self, obj: Any) -> None:
+        """Queue ``obj`` as the last message, without waiting, and refuse every send after it.
+
+        ``obj`` is queued even when the buffer is past ``high_water`` (a last word must not
+        wait for a peer that does not read); senders waiting for room get
+        ClosedResourceError, so the messages accepted are exactly those queued before
+        ``obj``. What is queued is still written; receiving goes on.
+
+        Raises:
+            LinkError, FrameTooLarge: as :meth:`send` (nothing queued, nothing refused).
+            anyio.ClosedResourceError, anyio.BrokenResourceError: as :meth:`send`.
+        """
+        self._check_can_send()
+        frame = self._encode(obj)
+        self._finished = True
+        self._append(frame)
+        self._signal_progress()  # senders waiting for room find the link finished
+
     async def drain(self) -> None:
         """Wait until every message queued so far has been handed to the stream (the OS).
 
@@ -278,6 +300,8 @@ class Link:
     def _check_can_send(self) -> None:
         if self._closing:
             raise anyio.ClosedResourceError(f"link {self.name!r} is closed")
+        if self._finished:
+            raise anyio.ClosedResourceError(f"link {self.name!r} sent its last message")
         if self._broken is not None:
             raise anyio.BrokenResourceError(f"link {self.name!r} is broken") from self._broken
         if self._group is None:
@@ -418,6 +442,7 @@ class Link:
             self._bytes_received += len(chunk)
             self._parse(chunk)
         message = self._messages.popleft()
+        self.last_size = self._sizes.popleft()
         if type(message) is Skipped:
             raise message.error
         self._messages_received += 1
@@ -472,6 +497,7 @@ class Link:
                 if stop > end:
                     break
                 self._frames_read += 1
+                self._sizes.append(size)
                 try:
                     self._messages.append(pickle.loads(view[pos + 4 : stop]))
                 except Exception as exc:

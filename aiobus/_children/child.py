@@ -1,21 +1,20 @@
-"""The child's side of a child broker: what runs inside the ``anyio.to_process`` worker.
+"""The child's side of a child broker: what runs inside its worker process.
 
-:func:`run_child` is the function handed to ``anyio.to_process.run_sync``. In the
-worker (a fresh interpreter) it:
+:func:`run_child` is the function handed to ``anyio.to_process.run_sync``. In the worker
+the parent started for it (see :mod:`.workers`) it:
 
-1. kills itself as soon as the parent dies (a thread waits on a pidfd of the
-   parent), and leaves the parent's process group, so that a terminal Ctrl-C
-   reaches the parent only: the parent drives the shutdown;
-2. connects three times to the parent's private listener, presenting the token: a
-   control link (logs, stop and graceful), a data link (the user's messages) and a
-   connection for heartbeats;
-3. forwards everything the child logs (structlog, ``print``, ``sys.stderr``) over the
-   control link, so nothing is lost in the worker's ``/dev/null``;
-4. runs a :class:`~aiobus.Bus`, starts it, reports ready, and awaits the user's
-   function ``fn(bus, link)`` (or, for a class, ``fn(bus, link).run()``); each
-   main tick writes a heartbeat;
-5. on the parent's stop, the data link ends (after the messages already sent) and the
-   bus exits once ``fn`` has returned; the worker then ends with the bus's exit code.
+1. refuses to run in any other worker; kills itself as soon as the parent dies (a thread
+   waits on a pidfd of the parent);
+2. points ``sys.stdout`` and ``sys.stderr`` at descriptors 1 and 2, pipes the parent reads
+   line by line: ``print``, ``sys.stderr``, C code and subprocesses all reach the parent's log;
+3. sends every structlog event (the child's bus logs through structlog) as a JSON line on
+   the logs socket, waiting rather than dropping when the parent reads slowly;
+4. runs a :class:`~aiobus.Bus`, starts it, says :class:`~.messages.Ready`, and awaits the
+   user's function ``fn(bus, link)`` (or, for a class, ``fn(bus, link).run()``); each main
+   tick writes a heartbeat;
+5. on the parent's :class:`~.messages.Stop`, the data link ends (after the messages already
+   sent) and the bus exits once ``fn`` has returned; the worker then ends with the bus's
+   exit code, after a last :class:`~.messages.Done`.
 """
 
 from __future__ import annotations
@@ -26,7 +25,6 @@ import os
 import select
 import signal
 import socket
-import struct
 import sys
 import threading
 from collections.abc import Callable, MutableMapping
@@ -34,38 +32,19 @@ from typing import Any, NoReturn
 
 import anyio
 import structlog
+from anyio.abc import ObjectReceiveStream, UNIXSocketStream
 
 from .._bus import Bus
-from .._link import EndOfLink, Link, LinkOptions, UndecodableFrame
-from .._private import connect_private
+from .._link import EndOfLink, Link, UndecodableFrame
 from .._state import State
+from .messages import BEAT, ChildSpec, Done, EndOfInput, Graceful, Ready, Stop, encode_log
 
 EXIT_FAILED = 1
 
 
-class EndOfInput:
-    """Sent by the parent on the data link when it stops the child: no message follows."""
-
-
-class Receiver:
-    """``async for msg in x`` over ``await x.receive()``, ending at the end of the stream."""
-
-    async def receive(self) -> Any:
-        raise NotImplementedError
-
-    def __aiter__(self) -> Receiver:
-        return self
-
-    async def __anext__(self) -> Any:
-        try:
-            return await self.receive()
-        except anyio.EndOfStream:
-            raise StopAsyncIteration from None
-
-
-class ParentLink(Receiver):
+class ParentLink(ObjectReceiveStream[Any]):
     """The child's link to its parent: ``await link.send(obj)``, ``await link.receive()``,
-    ``async for msg in link``.
+    ``async for msg in link`` (an anyio ``ObjectReceiveStream``).
 
     The iteration ends cleanly once the parent stops the child, after every message it
     sent before; :meth:`receive` then raises :class:`~aiobus.EndOfLink`.
@@ -81,6 +60,7 @@ class ParentLink(Receiver):
     def __init__(self, link: Link) -> None:
         self._link = link
         self._ended = False
+        self._closed = False
         #: How many messages from the parent this child has taken (returned by :meth:`receive`).
         self.received = 0
         #: How many of those it is done with (it asked for the next one, or its function returned).
@@ -100,10 +80,13 @@ class ParentLink(Receiver):
             EndOfLink: the parent stopped the child (or went away); nothing follows.
             UndecodableFrame: the parent's next message does not unpickle here; it counts
                 as taken, and the call after returns the message after it.
+            anyio.ClosedResourceError: :meth:`aclose` was called.
 
         Cancelled: nothing is lost. No timeout of its own.
         """
         self.acknowledged = self.received
+        if self._closed:
+            raise anyio.ClosedResourceError
         if self._ended:
             raise EndOfLink
         try:
@@ -117,32 +100,35 @@ class ParentLink(Receiver):
         self.received += 1
         return message
 
+    async def aclose(self) -> None:
+        """Take no more messages: later :meth:`receive` calls raise ClosedResourceError.
 
-def run_child(
-    address: str,
-    token: bytes,
-    fn: Callable[[Bus, ParentLink], Any],
-    name: str,
-    parent_pid: int,
-    main_interval: float,
-    link_options: LinkOptions,
-) -> NoReturn:
+        The messages taken so far count as done with; the link itself stays the child's
+        until it ends (sending still works)."""
+        self.acknowledged = self.received
+        self._closed = True
+
+
+def run_child(spec: ChildSpec) -> NoReturn:
     """The worker's entry point: run the child, then end the worker with its exit code.
 
     It raises SystemExit, which anyio's worker reports to the parent and then obeys: the
-    worker process ends instead of idling in anyio's pool.
+    worker process ends instead of idling.
+
+    Raises:
+        RuntimeError: this is not the worker the parent started for the child (it is left
+            as it was: nothing of the child ran).
     """
-    _die_with_parent(parent_pid)
-    code = anyio.run(_child_main, address, token, fn, name, main_interval, link_options)
+    if os.getpid() != spec.worker_pid:
+        raise RuntimeError(f"child {spec.name!r} must run in worker {spec.worker_pid}, not in {os.getpid()}")
+    _die_with_parent(spec.parent_pid)
+    _take_standard_streams()
+    code = anyio.run(_child_main, spec)
     raise SystemExit(code)
 
 
 def _die_with_parent(parent_pid: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
-    try:
-        os.setpgid(0, 0)
-    except OSError:
-        pass
     if os.getppid() != parent_pid:  # the parent died already
         os._exit(EXIT_FAILED)
     # Not PR_SET_PDEATHSIG: it fires when the parent's *thread* that forked ends, and
@@ -163,35 +149,36 @@ def _watch_parent(parent_pid: int) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-async def _child_main(
-    address: str,
-    token: bytes,
-    fn: Callable[[Bus, ParentLink], Any],
-    name: str,
-    main_interval: float,
-    link_options: LinkOptions,
-) -> int:
-    control = await connect_private(address, token)
-    data = await connect_private(address, token, **link_options)
-    beats = await connect_private(address, token)
-    async with control, data, beats:
-        _forward_output(control, name)
-        control.send_nowait(("hello", os.getpid()))
-        async with Bus(main_interval=main_interval) as bus:
-            bus.start_soon(_forward_fd2, control)
-            stop_requested = anyio.Event()
-            link = ParentLink(data)
-            if beats.raw_socket is not None:
-                bus.subscribe("main", Heartbeat(beats.raw_socket, link))
-            bus.start_soon(_read_control, control, bus, stop_requested)
-            bus.start_soon(_exit_on_sigterm, bus)
-            await bus.start()
-            await control.send(("ready",))
-            code = await _run_user(fn, bus, link, stop_requested)
-            await bus.exit()
-        await control.send(("tick", link.acknowledged))
-        await control.drain()
-        return code or bus.exit_code
+def _take_standard_streams() -> None:
+    """``sys.stdout`` and ``sys.stderr`` write to descriptors 1 and 2 (the parent reads them),
+    a line at a time; anyio's worker had pointed them at ``/dev/null``."""
+    for fd, name in ((1, "stdout"), (2, "stderr")):
+        raw = io.FileIO(fd, "w", closefd=False)
+        stream = io.TextIOWrapper(raw, encoding="utf-8", errors="backslashreplace", line_buffering=True)
+        setattr(sys, name, stream)
+
+
+async def _child_main(spec: ChildSpec) -> int:
+    fds = spec.sockets
+    control = Link(await UNIXSocketStream.from_socket(fds.control), name="control")
+    data = Link(await UNIXSocketStream.from_socket(fds.data), **spec.link_options)
+    beats = socket.socket(fileno=fds.beats)
+    _send_logs_to(socket.socket(fileno=fds.logs))
+    with beats:
+        async with control, data:
+            async with Bus(main_interval=spec.main_interval) as bus:
+                stop_requested = anyio.Event()
+                link = ParentLink(data)
+                bus.subscribe("main", Heartbeat(beats, link))
+                bus.start_soon(_read_control, control, bus, stop_requested)
+                bus.start_soon(_exit_on_sigterm, bus)
+                await bus.start()
+                await control.send(Ready())
+                code = await _run_user(spec.fn, bus, link, stop_requested)
+                await bus.exit()
+            await control.send(Done(link.acknowledged))
+            await control.drain()
+    return code or bus.exit_code
 
 
 async def _run_user(
@@ -213,18 +200,13 @@ async def _run_user(
     return 0
 
 
-#: A heartbeat on the wire: the count of messages the child is done with.
-BEAT = struct.Struct("<Q")
-
-
 class Heartbeat:
     """The child's main listener: each main tick writes a heartbeat to the parent.
 
     Heartbeats go over a connection of their own, as fixed-size records written without
-    waiting; the parent reads them only when it checks on the child (see
-    :class:`HeartbeatReader`), so an idle child costs its parent next to nothing. Each
-    carries the count of messages the child is done with, so the parent knows which of
-    those it sent may die with the child.
+    waiting; the parent reads them only when it checks on the child, so an idle child
+    costs its parent next to nothing. Each carries the count of messages the child is
+    done with, so the parent knows which of those it sent may die with the child.
     """
 
     def __init__(self, sock: socket.socket, link: ParentLink) -> None:
@@ -244,31 +226,6 @@ class Heartbeat:
         self._partial = rest[: len(rest) % BEAT.size]
 
 
-class HeartbeatReader:
-    """The parent's side of :class:`Heartbeat`: what arrived since the last look."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        self._sock = sock
-        self._buffer = bytearray()
-
-    def take(self) -> tuple[bool, int | None]:
-        """Read without waiting: whether any heartbeat arrived, and the latest count."""
-        arrived = False
-        while True:
-            try:
-                chunk = self._sock.recv(65536, socket.MSG_DONTWAIT)
-            except OSError:  # nothing more for now (BlockingIOError), or the child is gone
-                break
-            if not chunk:
-                break  # the child closed it: it is ending
-            arrived = True
-            self._buffer += chunk
-        whole = len(self._buffer) - len(self._buffer) % BEAT.size
-        latest = BEAT.unpack_from(self._buffer, whole - BEAT.size)[0] if whole else None
-        del self._buffer[:whole]
-        return arrived, latest
-
-
 async def _cancel_when_exiting(bus: Bus, scope: anyio.CancelScope) -> None:
     await bus.wait(State.EXITING)
     scope.cancel()
@@ -277,11 +234,13 @@ async def _cancel_when_exiting(bus: Bus, scope: anyio.CancelScope) -> None:
 async def _read_control(control: Link, bus: Bus, stop_requested: anyio.Event) -> None:
     try:
         async for message in control:
-            if message == ("stop",):
+            if isinstance(message, Stop):
                 stop_requested.set()
-            elif message == ("graceful",):
+            elif isinstance(message, Graceful):
                 await bus.graceful()
-    except anyio.EndOfStream:
+            else:
+                bus.log(f"Unknown control message from the parent dropped: {message!r}", logging.WARNING)
+    except (anyio.EndOfStream, anyio.BrokenResourceError):
         pass
     stop_requested.set()  # the parent is gone: nobody will say stop
     await bus.exit()
@@ -294,46 +253,23 @@ async def _exit_on_sigterm(bus: Bus) -> None:
             await bus.exit()
 
 
-def _send_quietly(link: Link, message: Any) -> None:
-    try:
-        link.send_nowait(message)
-    except (anyio.WouldBlock, anyio.ClosedResourceError, anyio.BrokenResourceError):
-        pass  # a heartbeat or a log line that cannot go now is not worth blocking for
+def _send_logs_to(sock: socket.socket) -> None:
+    """Send every structlog event to the parent as a JSON line on ``sock``.
 
-
-# -- output -------------------------------------------------------------------------------
-
-
-class _ForwardingWriter(io.TextIOBase):
-    """A text stream whose lines go to the parent as log events."""
-
-    def __init__(self, link: Link, stream: str) -> None:
-        self._link = link
-        self._stream = stream
-        self._pending = ""
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, text: str) -> int:
-        self._pending += text
-        *lines, self._pending = self._pending.split("\n")
-        for line in lines:
-            _send_quietly(self._link, ("log", {"event": line, "level": "info", "stream": self._stream}))
-        return len(text)
-
-    def flush(self) -> None:
-        if self._pending:
-            line, self._pending = self._pending, ""
-            _send_quietly(self._link, ("log", {"event": line, "level": "info", "stream": self._stream}))
-
-
-def _forward_output(control: Link, name: str) -> None:
-    """Send structlog events, ``print`` and ``sys.stderr`` lines to the parent."""
+    Writes wait while the parent has not read (nothing is dropped); a lock keeps lines
+    from threads whole. Once the parent is gone, events are dropped.
+    """
+    sock.setblocking(True)
+    lock = threading.Lock()
 
     def to_parent(logger: Any, method: str, event: MutableMapping[str, Any]) -> str:
         event.setdefault("level", method)
-        _send_quietly(control, ("log", _plain(event)))
+        line = encode_log(event)
+        with lock:
+            try:
+                sock.sendall(line)
+            except OSError:
+                pass  # the parent is gone: so is its log
         raise structlog.DropEvent
 
     structlog.configure(
@@ -344,39 +280,3 @@ def _forward_output(control: Link, name: str) -> None:
         ],
         cache_logger_on_first_use=False,
     )
-    sys.stdout = _ForwardingWriter(control, "stdout")
-    sys.stderr = _ForwardingWriter(control, "stderr")
-
-
-async def _forward_fd2(control: Link) -> None:
-    """What is written to descriptor 2 (C code, faulthandler) goes to the parent as log lines.
-
-    anyio's worker leaves descriptor 2 on a pipe nobody reads: a chatty C library
-    would block there, and its lines would be lost.
-    """
-    read_fd, write_fd = os.pipe()
-    os.dup2(write_fd, 2)
-    os.close(write_fd)
-    os.set_blocking(read_fd, False)
-    writer = _ForwardingWriter(control, "stderr")
-    try:
-        while True:
-            await anyio.wait_readable(read_fd)
-            try:
-                chunk = os.read(read_fd, 65536)
-            except BlockingIOError:
-                continue
-            if not chunk:
-                return
-            writer.write(chunk.decode(errors="replace"))
-    finally:
-        writer.flush()
-        os.close(read_fd)
-
-
-def _plain(event: MutableMapping[str, Any]) -> dict[str, Any]:
-    """The event with every value the parent may not be able to unpickle turned into text."""
-    plain: dict[str, Any] = {}
-    for key, value in event.items():
-        plain[key] = value if isinstance(value, str | int | float | bool | type(None)) else repr(value)
-    return plain

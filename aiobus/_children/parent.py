@@ -1,19 +1,20 @@
-"""Child brokers: an async function run in a child process with a bus of its own, linked to the parent.
+"""The parent's side of a child broker: :class:`ChildBroker`, and one run of it (:class:`_Incarnation`).
 
-The parent side. Each incarnation of a :class:`ChildBroker`:
+Each incarnation:
 
-1. opens a private listener (0700 directory, 0600 socket, a fresh token);
-2. runs :func:`aiobus._worker.run_child` through ``anyio.to_process.run_sync``, with a
-   capacity limiter of its own (a long-lived child never holds a token of anyio's
-   default process limiter, nor of another child's);
-3. accepts the child's control link, then its data link, and waits for the child's
-   bus to be STARTED (its "ready");
-4. then relays: the child's log events into the parent's log (with the child's name
-   and pid bound), its heartbeats (each of its main ticks), and the user's messages both ways.
+1. starts a worker process of its own (:func:`.workers.start_worker`) with the sockets of
+   the protocol (:mod:`.messages`), and runs :func:`.child.run_child` in it through
+   ``anyio.to_process.run_sync`` (:func:`.workers.run_in_worker`);
+2. logs the worker's descriptors 1 and 2 line by line (:mod:`.output`), and its structlog
+   events (JSON lines), with the child's name and pid;
+3. waits for the child's :class:`~.messages.Ready` (its bus is STARTED), then relays the
+   user's messages both ways, and reads the child's heartbeats now and then.
 
-Stopping is graceful first: the data link is told that no message follows (the child
-drains what was sent before), a stop goes on the control link, and after ``grace``
-seconds the child gets SIGTERM, then after ``term_grace`` more SIGKILL.
+Stopping is graceful first and bounded in all: the data link gets its last message
+(:class:`~.messages.EndOfInput`, queued without waiting), a :class:`~.messages.Stop` goes
+on the control link, and after ``grace`` seconds the child gets SIGTERM, then after
+``term_grace`` more SIGKILL, whatever the state of its links. What is left of the worker's
+process group is killed, and the worker reaped, before the incarnation counts as ended.
 """
 
 from __future__ import annotations
@@ -21,40 +22,47 @@ from __future__ import annotations
 import logging
 import math
 import os
+import pickle
 import signal
+import socket
 from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 import anyio
-import anyio.to_process
-from anyio.abc import Process
+from anyio.abc import ByteReceiveStream, ObjectReceiveStream, UNIXSocketStream
 
 from .._bus import Bus
-from .._link import (
-    EndOfLink,
-    Link,
-    LinkOptions,
-    Skipped,
-    UndecodableFrame,
-    UndeliveredMessages,
-    check_link_options,
-)
-from .._private import PrivateListener
+from .._link import EndOfLink, Link, LinkOptions, Skipped, UndecodableFrame, UndeliveredMessages, check_link_options
 from .._supervision import Child, ChildExit, ChildState, Restart, Supervisor
-from .child import EndOfInput, HeartbeatReader, ParentLink, Receiver, run_child
+from .child import ParentLink, run_child
+from .messages import BEAT, MAX_LOG_LINE, ChildSpec, Done, EndOfInput, Graceful, Ready, Stop, decode_log
+from .output import forward_lines
+from .workers import Worker, WorkerError, run_in_worker, start_worker
 
-_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
-_LEVELS["critical"] = logging.CRITICAL
-_LEVELS["exception"] = logging.ERROR
+#: Seconds without a heartbeat before a child counts as hung, unless told otherwise: a
+#: message may take minutes of blocking work.
+HANG_TIMEOUT = 300.0
+#: The bytes of messages from a child that wait unread in the parent, unless told otherwise.
+INBOX_BYTES = 16 * 2**20
+#: What each message counts in the inbox besides its pickled size (the objects it unpickles to).
+MESSAGE_OVERHEAD = 64
+#: Seconds to read what is left of a worker's output once it has ended.
+OUTPUT_DRAIN = 5.0
+
+
+class ChildUnavailable(RuntimeError):
+    """A message could not be sent: the child is not running and did not come back in time."""
 
 
 class _Inbox:
-    """Messages from the child not read yet: bounded, so a parent that does not read slows the child."""
+    """Messages from the child not read yet, bounded in bytes: a parent that does not read
+    stops reading the link, so the child's ``send`` waits."""
 
     def __init__(self, size: int) -> None:
-        self.items: deque[Any] = deque()
+        self.items: deque[tuple[Any, int]] = deque()
         self.size = size
+        self.bytes = 0
         self._changed = anyio.Event()
 
     def notify(self) -> None:
@@ -64,22 +72,22 @@ class _Inbox:
     async def wait(self) -> None:
         await self._changed.wait()
 
-    async def put(self, item: Any) -> None:
-        while len(self.items) >= self.size:
+    async def put(self, item: Any, size: int) -> None:
+        while self.items and self.bytes >= self.size:  # one message always fits
             await self.wait()
-        self.items.append(item)
+        cost = size + MESSAGE_OVERHEAD
+        self.items.append((item, cost))
+        self.bytes += cost
         self.notify()
 
-
-#: Main ticks a child may miss before it counts as hung, unless told otherwise.
-HEARTBEAT_MISSES = 20
-
-
-class ChildUnavailable(RuntimeError):
-    """A message could not be sent: the child is not running and did not come back in time."""
+    def take(self) -> Any:
+        item, cost = self.items.popleft()
+        self.bytes -= cost
+        self.notify()
+        return item
 
 
-class ChildBroker(Child, Receiver):
+class ChildBroker(Child, ObjectReceiveStream[Any]):
     """Runs ``fn(bus, link)`` in a child process whose bus follows this one's.
 
     ``fn`` is an importable async function (module level: it is pickled by reference;
@@ -102,14 +110,27 @@ class ChildBroker(Child, Receiver):
         term_grace: seconds after SIGTERM before SIGKILL.
         start_timeout: seconds for the child to be ready.
         send_timeout: how long :meth:`send` waits for a child that is down or restarting.
-        heartbeat_misses: main ticks the child may miss before it counts as hung and is
-            killed (its policy then applies): each of its main ticks is a heartbeat, and
-            the parent checks every ``heartbeat_misses`` main intervals that one came.
-            None disables hang detection.
+        hang_timeout: seconds without a heartbeat (each of the child's main ticks is one)
+            before the child counts as hung and is killed (its policy then applies); the
+            parent looks every ``hang_timeout`` seconds, so a hang is found after one to
+            two of them. None disables hang detection. Work that blocks the child's event
+            loop for longer belongs in ``anyio.to_thread.run_sync``.
+        heartbeat_misses: the same as ``hang_timeout``, counted in the child's main
+            intervals (the setting of earlier versions); it wins when given.
         main_interval: the child bus's main interval; the parent's by default.
         max_frame_size: the largest message (pickled) on the link, both ways; a larger
             one is an error at ``send`` (FrameTooLarge) and nothing else is lost.
         high_water: bytes queued on the link before ``send`` waits (backpressure).
+        inbox_bytes: bytes of the child's messages (pickled, plus 64 each) that may wait
+            unread in the parent; past it the parent stops reading the link, so the child's
+            ``send`` waits. A single larger message still fits in an empty inbox.
+        max_line: the longest line of the child's output (``print``, stderr, subprocesses)
+            logged whole, in bytes; the rest of a longer one is cut with a marker.
+
+    Raises:
+        TypeError: ``fn`` is not callable, or cannot be pickled (defined inside a function,
+            a lambda...): the worker could not find it.
+        ValueError: a number is out of range.
 
     ``fn`` may also be a class whose constructor takes ``(bus, link)`` and whose async
     ``run()`` method is the child's body.
@@ -129,20 +150,28 @@ class ChildBroker(Child, Receiver):
         term_grace: float = 2.0,
         start_timeout: float = 30.0,
         send_timeout: float = 10.0,
-        heartbeat_misses: int | None = HEARTBEAT_MISSES,
+        hang_timeout: float | None = HANG_TIMEOUT,
+        heartbeat_misses: int | None = None,
         main_interval: float | None = None,
         max_frame_size: int = 16 * 2**20,
         high_water: int = 2**20,
+        inbox_bytes: int = INBOX_BYTES,
+        max_line: int = 65536,
     ) -> None:
-        self._inbox = _Inbox(1000)  # first: the base class sets the state, which wakes readers
+        self._inbox = _Inbox(inbox_bytes)  # first: the base class sets the state, which wakes readers
         super().__init__(name, restart)
-        if not callable(fn):
-            raise TypeError(f"the child's function must be callable, not {fn!r}")
+        _check_function(fn)
         for label, value in (("grace", grace), ("term_grace", term_grace), ("start_timeout", start_timeout)):
-            if not isinstance(value, int | float) or not 0 <= value < math.inf:
-                raise ValueError(f"{label} must be a finite number of seconds >= 0, not {value!r}")
-        if heartbeat_misses is not None and (not isinstance(heartbeat_misses, int) or heartbeat_misses < 1):
+            _check_seconds(label, value, zero=True)
+        if hang_timeout is not None:
+            _check_seconds("hang_timeout", hang_timeout, zero=False)
+        if heartbeat_misses is not None and (
+            isinstance(heartbeat_misses, bool) or not isinstance(heartbeat_misses, int) or heartbeat_misses < 1
+        ):
             raise ValueError(f"heartbeat_misses must be None or an int >= 1, not {heartbeat_misses!r}")
+        for label, number in (("inbox_bytes", inbox_bytes), ("max_line", max_line)):
+            if isinstance(number, bool) or not isinstance(number, int) or number < 1:
+                raise ValueError(f"{label} must be a number of bytes >= 1, not {number!r}")
         self.bus = bus
         self.fn = fn
         self.supervisor = supervisor
@@ -150,13 +179,14 @@ class ChildBroker(Child, Receiver):
         self.term_grace = term_grace
         self.start_timeout = start_timeout
         self.send_timeout = send_timeout
-        self.heartbeat_misses = heartbeat_misses
         self.main_interval = bus.main_interval if main_interval is None else main_interval
+        self.heartbeat_misses = heartbeat_misses
+        self.hang_timeout = hang_timeout if heartbeat_misses is None else heartbeat_misses * self.main_interval
+        self.max_line = max_line
         self.link_options = LinkOptions(max_frame_size=max_frame_size, high_water=high_water)
         check_link_options(**self.link_options)
-        self._limiter = anyio.CapacityLimiter(1)
+        self._closed = False
         self._pid: int | None = None
-        self._process: Process | None = None
         self._data: Link | None = None
         self._changed = anyio.Event()  # set (and replaced) when an incarnation comes up or ends
         self._incarnation: _Incarnation | None = None
@@ -176,7 +206,8 @@ class ChildBroker(Child, Receiver):
         processed all the same, but it is never delivered twice.
 
         Raises:
-            ChildUnavailable: no incarnation came up in time, or it went away first.
+            ChildUnavailable: no incarnation came up in time, or it went away (or began
+                to stop) before the message was queued.
             aiobus.FrameTooLarge, aiobus.LinkError: ``obj`` cannot be sent (nothing was).
 
         Cancelled: the message was not queued. Timeout: ``send_timeout`` seconds for a
@@ -205,20 +236,31 @@ class ChildBroker(Child, Receiver):
                 restarted.
             UndecodableFrame: the child's next message does not unpickle here (it is
                 logged too); the call after returns the message after it.
+            anyio.ClosedResourceError: :meth:`aclose` was called.
 
         Cancelled: nothing is lost; the next message stays for the next call. No timeout
         of its own (wrap it in ``anyio.fail_after``).
         """
         inbox = self._inbox
         while not inbox.items:
+            if self._closed:
+                raise anyio.ClosedResourceError
             if self._data is None and self.state in (ChildState.STOPPED, ChildState.EXITED, ChildState.FAILED):
                 raise EndOfLink(f"child {self.name!r} is {self.state}")
             await inbox.wait()  # woken by a message, a new incarnation or a change of state
-        message = inbox.items.popleft()
-        inbox.notify()
+        if self._closed:
+            raise anyio.ClosedResourceError
+        message = inbox.take()
         if type(message) is Skipped:
             raise message.error
         return message
+
+    async def aclose(self) -> None:
+        """Read no more: later :meth:`receive` calls raise ClosedResourceError, and the
+        messages waiting unread are let go (the child itself runs on until the bus stops it)."""
+        self._closed = True
+        while self._inbox.items:
+            self._inbox.take()
 
     def state_changed(self) -> None:
         self._inbox.notify()
@@ -235,17 +277,37 @@ class ChildBroker(Child, Receiver):
     def pid(self) -> int | None:
         return self._pid
 
+    @property
+    def stop_budget(self) -> float:
+        return self.grace + self.term_grace
+
     async def spawn(self) -> None:
+        """Start an incarnation and return once its bus is STARTED.
+
+        Raises:
+            TimeoutError: not ready within ``start_timeout`` (it is killed).
+            Exception: it could not start (the worker died, the main module failed to load,
+                the child's start failed); nothing of it is left running.
+
+        Cancelled: the incarnation is killed and reaped before the cancellation goes on.
+        """
         incarnation = _Incarnation(self)
         self._incarnation = incarnation
         self.bus.start_soon(incarnation.run, name=f"aiobus child {self.name}")
-        with anyio.move_on_after(self.start_timeout) as scope:
-            await incarnation.ready.wait()
+        try:
+            with anyio.move_on_after(self.start_timeout) as scope:
+                await incarnation.ready.wait()
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                incarnation.kill()
+                await incarnation.ended.wait()
+            raise
         if scope.cancelled_caught:
             incarnation.failure = TimeoutError(f"child {self.name!r} was not ready within {self.start_timeout:g} s")
         if incarnation.failure is not None:
-            incarnation.kill()
-            await incarnation.ended.wait()
+            with anyio.CancelScope(shield=True):
+                incarnation.kill()
+                await incarnation.ended.wait()
             raise incarnation.failure
 
     async def wait(self) -> ChildExit:
@@ -254,19 +316,34 @@ class ChildBroker(Child, Receiver):
         assert self._incarnation.exit is not None
         return self._incarnation.exit
 
-    @property
-    def stop_budget(self) -> float:
-        return self.grace + self.term_grace
-
     async def terminate(self, budget: float | None = None) -> None:
         incarnation = self._incarnation
         if incarnation is None or incarnation.ended.is_set():
             return
-        await incarnation.stop()
+        await incarnation.stop(budget)
 
     async def graceful(self) -> None:
         if self._incarnation is not None:
-            await self._incarnation.send_control(("graceful",))
+            await self._incarnation.send_control(Graceful())
+
+
+def _check_function(fn: object) -> None:
+    if not callable(fn):
+        raise TypeError(f"the child's function must be callable, not {fn!r}")
+    try:
+        pickle.dumps(fn)
+    except Exception as error:
+        raise TypeError(
+            f"the child's function {fn!r} cannot be sent to a child process ({error}): "
+            "define it at the top level of a module"
+        ) from None
+
+
+def _check_seconds(label: str, value: object, *, zero: bool) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < math.inf:
+        raise ValueError(f"{label} must be a finite number of seconds >= 0, not {value!r}")
+    if not zero and value == 0:
+        raise ValueError(f"{label} must be a positive number of seconds, not {value!r}")
 
 
 class _Incarnation:
@@ -279,74 +356,99 @@ class _Incarnation:
         self.ended = anyio.Event()
         self.failure: BaseException | None = None
         self.exit: ChildExit | None = None
+        self.worker: Worker | None = None
+        self.control: Link | None = None
+        self.data: Link | None = None
         self.stopping = False
         self.killed_by: str | None = None
-        self.pid: int | None = None
-        self.control: Link | None = None
         self.undelivered = 0
         self.sent = 0  # messages accepted by send() for this incarnation
         self.acknowledged = 0  # of those, how many the child said its function was done with
-        self._process: Process | None = None
-        self._popen: Any = None
         self._scope = anyio.CancelScope()
-        self._worker_done = anyio.Event()
-        self._result: tuple[int | None, str | None, str] = (None, None, "ended")
+        self._ran: BaseException | None = None  # how run_sync ended, if it raised
+        self._run_done = anyio.Event()
+        self._stop_limit = math.inf  # when a stop must be over (a budget shortens it)
+        self._stop_changed = anyio.Event()
+
+    @property
+    def pid(self) -> int | None:
+        return None if self.worker is None else self.worker.pid
 
     async def run(self) -> None:
         try:
             with self._scope:
-                async with anyio.create_task_group() as group:
-                    async with PrivateListener(log=self.bus.log) as listener:
-                        group.start_soon(self._run_worker, listener.address, listener.token)
-                        control = await self._accept(listener, LinkOptions())
-                        data = await self._accept(listener, self.child.link_options)
-                        beats = await self._accept(listener, LinkOptions())
-                    try:
-                        async with control, data, beats:
-                            await self._serve(control, data, beats)
-                    except UndeliveredMessages as lost:
-                        self.undelivered = lost.count
+                self.worker = worker = await start_worker()
+                self.child._pid = worker.pid
+                async with anyio.create_task_group() as output:
+                    output.start_soon(self._forward, worker.stdout, "stdout")
+                    output.start_soon(self._forward, worker.stderr, "stderr")
+                    output.start_soon(self._forward_logs, worker.sockets["logs"])
+                    await self._run(worker)
+                    output.cancel_scope.deadline = anyio.current_time() + OUTPUT_DRAIN
         except Exception as error:
             if not self.ready.is_set():
                 self.failure = _leaf(error)
             else:
-                self.bus.log(f"Child {self.child.name}: {error!r}", logging.ERROR)
+                self.bus.log(f"Child {self.child.name}: {error!r}", logging.ERROR, child=self.child.name)
         finally:
+            with anyio.CancelScope(shield=True):
+                if self.worker is not None:
+                    await self.worker.aclose()
             self._finish()
 
-    async def _accept(self, listener: PrivateListener, options: LinkOptions) -> Link:
-        """The next link from the worker; fails at once if the worker ends before it connects."""
-        link: Link | None = None
-        error: BaseException | None = None
-        async with anyio.create_task_group() as race:
-
-            async def stop_when_worker_ends() -> None:
-                await self._worker_done.wait()
-                race.cancel_scope.cancel()
-
-            race.start_soon(stop_when_worker_ends)
+    async def _run(self, worker: Worker) -> None:
+        """Run the child in ``worker`` and serve it until the worker has ended and been reaped."""
+        control = Link(await UNIXSocketStream.from_socket(worker.sockets["control"]), name="control")
+        data = Link(await UNIXSocketStream.from_socket(worker.sockets["data"]), **self.child.link_options)
+        spec = ChildSpec(
+            self.child.fn,
+            self.child.name,
+            os.getpid(),
+            worker.pid,
+            self.child.main_interval,
+            self.child.link_options,
+            worker.child_fds,
+        )
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(self._run_worker, worker, spec)
             try:
-                link = await listener.accept(timeout=self.child.start_timeout, **options)
-            except TimeoutError as timeout:
-                error = timeout
-            race.cancel_scope.cancel()
-        if error is not None:
-            raise error
-        if link is None:
-            raise RuntimeError(f"child {self.child.name!r} ended before it connected: {self._result[2]}")
-        return link
+                async with control, data:
+                    self.control, self.data = control, data
+                    await self._serve(control, data, HeartbeatReader(worker.sockets["beats"]))
+            except UndeliveredMessages as lost:
+                self.undelivered = lost.count
+            with anyio.move_on_after(self.child.grace + self.child.term_grace):
+                await self._run_done.wait()  # the child said its last word: its interpreter is ending
+            worker.signal(signal.SIGKILL)  # stuck in its interpreter's shutdown, if it runs still
+        if self._ran is not None and not self.ready.is_set():
+            raise self._ran
 
-    async def _serve(self, control: Link, data: Link, beats: Link) -> None:
-        self.control = control
-        while (message := await control.receive()) != ("ready",):  # logs come before, and the pid
-            if message[0] == "hello":
-                self.pid = self.child._pid = int(message[1])
-                self._process = _find_worker(self.pid)
-                self._popen = _popen_of(self._process)
-            else:
+    async def _run_worker(self, worker: Worker, spec: ChildSpec) -> None:
+        try:
+            await run_in_worker(worker, run_child, spec)
+        except SystemExit:
+            pass  # the child's end: its exit code is the worker's
+        except anyio.BrokenWorkerProcess:
+            pass  # it died: how, its process says
+        except Exception as error:
+            # It never ran the child (not its own worker), or the child's start failed: the
+            # worker would wait for anyio's next request.
+            self._ran = error
+            worker.signal(signal.SIGKILL)
+        finally:
+            await worker.process.wait()
+            self._run_done.set()
+
+    async def _serve(self, control: Link, data: Link, beats: HeartbeatReader) -> None:
+        try:
+            while not isinstance(message := await control.receive(), Ready):
                 self._on_control(message)
-        assert beats.raw_socket is not None  # a Unix socket, from the private listener
-        heartbeats = HeartbeatReader(beats.raw_socket)
+        except (anyio.EndOfStream, anyio.BrokenResourceError):
+            await self._run_done.wait()  # the worker has ended: why, run_sync may say
+            if self._ran is not None:
+                raise self._ran from None
+            ending = self.worker.ending().reason if self.worker is not None else "never started"
+            raise WorkerError(f"child {self.child.name!r} ended before it was ready: {ending}") from None
         if self.failure is not None:
             return  # spawn gave up on it (too late): no message may go to it
         self.child._set_data(data)
@@ -355,13 +457,13 @@ class _Incarnation:
         try:
             async with anyio.create_task_group() as helpers:
                 helpers.start_soon(self._relay, data, relayed)
-                helpers.start_soon(self._watch_heartbeats, heartbeats)
+                helpers.start_soon(self._watch_heartbeats, beats)
                 try:
                     async for message in control:
                         self._on_control(message)
                 except (anyio.EndOfStream, anyio.BrokenResourceError):
                     pass
-                self._take_heartbeats(heartbeats)  # the child's last word on what it is done with
+                self._take_heartbeats(beats)  # the child's last word on what it is done with
                 # The child is ending: no message goes to it any more (send waits for the
                 # next incarnation); what it sent before is still on its way.
                 self.child._set_data(None)
@@ -378,144 +480,180 @@ class _Incarnation:
                     message: Any = await data.receive()
                 except UndecodableFrame as error:
                     # That message only: logged, and raised in its turn by ChildBroker.receive.
-                    self.bus.log(
-                        f"Child {self.child.name}: {error}", logging.ERROR, child=self.child.name, child_pid=self.pid
-                    )
+                    self.bus.log(f"Child {self.child.name}: {error}", logging.ERROR, child=self.child.name)
                     message = Skipped(error)
-                await self.child._inbox.put(message)
+                await self.child._inbox.put(message, data.last_size)
         except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
             pass
         finally:
             done.set()
 
-    def _on_control(self, message: tuple[Any, ...]) -> None:
-        kind = message[0]
-        if kind == "tick":
-            self.acknowledged = max(self.acknowledged, int(message[1]))
-        elif kind == "log":
-            event = dict(message[1])
-            text = str(event.pop("event", ""))
-            level = _LEVELS.get(str(event.pop("level", "info")).lower(), logging.INFO)
-            event.pop("timestamp", None)
-            self.bus.log(text, level, child=self.child.name, child_pid=self.pid, **event)
+    def _on_control(self, message: object) -> None:
+        if isinstance(message, Done):
+            self.acknowledged = max(self.acknowledged, message.acknowledged)
+        else:
+            self.bus.log(
+                f"Child {self.child.name}: unexpected control message dropped: {message!r}",
+                logging.WARNING,
+                child=self.child.name,
+                child_pid=self.pid,
+            )
 
-    async def _watch_heartbeats(self, heartbeats: HeartbeatReader) -> None:
-        """Look at the child's heartbeats every ``heartbeat_misses`` main intervals (only
-        then: cheap with many children); none since the last look means it hung."""
-        misses = self.child.heartbeat_misses
-        period = (misses or HEARTBEAT_MISSES) * self.child.main_interval  # without hang detection, still read
+    # -- what the child says besides messages -----------------------------------------
+
+    async def _forward(self, stream: ByteReceiveStream, name: str) -> None:
+        """Log each line the worker (or a subprocess of it) writes to descriptor 1 or 2."""
+
+        def emit(line: str) -> None:
+            self.bus.log(line, logging.INFO, child=self.child.name, child_pid=self.pid, stream=name)
+
+        await forward_lines(stream, self.child.max_line, emit)
+
+    async def _forward_logs(self, sock: socket.socket) -> None:
+        """Log each structlog event of the child (a JSON line), its fields kept apart from ours."""
+
+        def emit(line: str) -> None:
+            text, level, fields = decode_log(line)
+            self.bus.log(text, level, child=self.child.name, child_pid=self.pid, **fields)
+
+        async with await UNIXSocketStream.from_socket(sock) as stream:
+            await forward_lines(stream, MAX_LOG_LINE, emit)
+
+    async def _watch_heartbeats(self, beats: HeartbeatReader) -> None:
+        """Look at the child's heartbeats every ``hang_timeout`` seconds (only then: cheap
+        with many children); none since the last look means its loop is blocked."""
+        timeout = self.child.hang_timeout
         while True:
-            await anyio.sleep(period)
-            if self._take_heartbeats(heartbeats) or misses is None or self.stopping:
+            await anyio.sleep(timeout if timeout is not None else 60.0)  # without hang detection, still read
+            if self._take_heartbeats(beats) or timeout is None or self.stopping:
                 continue
-            self.bus.log(f"Child {self.child.name} hung: no heartbeat for {period:.1f} s", logging.ERROR)
-            self.killed_by = f"hung (no heartbeat for {period:.1f} s)"
+            self.bus.log(
+                f"Child {self.child.name} hung: no heartbeat for {timeout:g} s (its event loop was blocked "
+                f"all that time); killed. If a message takes longer on purpose, raise the ChildBroker's "
+                f"hang_timeout (now {timeout:g} s), or run the blocking work with "
+                f"`await anyio.to_thread.run_sync(...)` so that the child's loop keeps ticking",
+                logging.ERROR,
+                child=self.child.name,
+                child_pid=self.pid,
+            )
+            self.killed_by = f"hung (no heartbeat for {timeout:g} s)"
             self._signal(signal.SIGKILL)
             return
 
-    def _take_heartbeats(self, heartbeats: HeartbeatReader) -> bool:
-        arrived, acknowledged = heartbeats.take()
+    def _take_heartbeats(self, beats: HeartbeatReader) -> bool:
+        arrived, acknowledged = beats.take()
         if acknowledged is not None:
             self.acknowledged = max(self.acknowledged, acknowledged)
         return arrived
 
-    async def _run_worker(self, address: str, token: bytes) -> None:
-        child = self.child
-        try:
-            await anyio.to_process.run_sync(
-                run_child,
-                address,
-                token,
-                child.fn,
-                child.name,
-                os.getpid(),
-                child.main_interval,
-                child.link_options,
-                cancellable=True,
-                limiter=child._limiter,
-            )
-            self._result = (0, None, "returned")
-        except SystemExit as done:
-            code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
-            self._result = (code, None, "exited" if code == 0 else f"exited with code {code}")
-            await self._reap_worker()
-        except anyio.BrokenWorkerProcess:
-            returncode = _returncode(self._process, self._popen)
-            if returncode is not None and returncode < 0:
-                name = signal.Signals(-returncode).name
-                self._result = (None, name, f"killed by {name}")
-            else:
-                self._result = (returncode, None, "died")
-        except Exception as error:
-            self._result = (1, None, f"failed: {error!r}")
-        finally:
-            self._worker_done.set()
+    # -- stopping ---------------------------------------------------------------------
 
-    async def _reap_worker(self) -> None:
-        """Wait for the worker to end after its SystemExit, and close its pipes.
-
-        anyio puts the worker back in its idle pool even though it is ending; until it is
-        reaped, the next call (a restart, or a start after a stop) could be handed that
-        dying worker. Once reaped, anyio sees its return code and drops it.
-        """
-        process = self._process
-        if process is None:
-            return
-        with anyio.CancelScope(shield=True):
-            with anyio.move_on_after(self.child.grace + self.child.term_grace):
-                await process.wait()
-            if process.returncode is None:  # stuck in its interpreter's shutdown
-                self._signal(signal.SIGKILL)
-            await process.aclose()
-
-    async def send_control(self, message: tuple[Any, ...]) -> None:
+    async def send_control(self, message: Stop | Graceful) -> None:
         if self.control is not None:
             try:
                 await self.control.send(message)
             except (anyio.ClosedResourceError, anyio.BrokenResourceError):
                 pass
 
-    async def stop(self) -> None:
-        """The data link says no more, stop on control, then grace, SIGTERM, term_grace, SIGKILL."""
+    async def stop(self, budget: float | None = None) -> None:
+        """End this incarnation: the child is told, then SIGTERM after ``grace``, SIGKILL after
+        ``term_grace`` more; a budget shorter than both shrinks them in proportion.
+
+        Never waits on the links: the end of input is queued without waiting, the stop
+        message within the grace period. A second call while one runs shortens the time left.
+        """
+        now = anyio.current_time()
+        if budget is not None:
+            self._stop_limit = min(self._stop_limit, now + budget)
+            self._stop_changed.set()
+        if self.stopping:
+            await self.ended.wait()
+            return
         self.stopping = True
-        data = self.child._data
-        if data is not None:
+        start = now
+        self.child._set_data(None)  # sends wait for a next incarnation (or time out)
+        if self.data is not None:
             try:
-                await data.send(EndOfInput())
+                self.data.finish(EndOfInput())
             except (anyio.ClosedResourceError, anyio.BrokenResourceError):
                 pass
-        await self.send_control(("stop",))
-        with anyio.move_on_after(self.child.grace):
-            await self.ended.wait()
+        grace, term_grace = self.child.grace, self.child.term_grace
+        with anyio.move_on_after(grace):
+            await self.send_control(Stop())
+        if await self._ended_by(lambda: start + self._share(start, grace)):
             return
-        self.bus.log(f"Child {self.child.name} still running after {self.child.grace:g} s: SIGTERM", logging.WARNING)
-        self.killed_by = "terminated after the grace period"
+        waited = anyio.current_time() - start
+        cut = self._cut_short(start)
+        self.bus.log(
+            f"Child {self.child.name} still running after {waited:.1f} s{cut}: SIGTERM",
+            logging.WARNING,
+            child=self.child.name,
+            child_pid=self.pid,
+        )
+        self.killed_by = f"SIGTERM {waited:.1f} s after the stop{cut}"
         self._signal(signal.SIGTERM)
-        with anyio.move_on_after(self.child.term_grace):
-            await self.ended.wait()
+        if await self._ended_by(lambda: start + self._share(start, grace + term_grace)):
             return
-        self.bus.log(f"Child {self.child.name} still running after SIGTERM: SIGKILL", logging.WARNING)
-        self.killed_by = "killed after the grace period"
+        waited = anyio.current_time() - start
+        cut = self._cut_short(start)
+        self.bus.log(
+            f"Child {self.child.name} still running after SIGTERM{cut}: SIGKILL",
+            logging.WARNING,
+            child=self.child.name,
+            child_pid=self.pid,
+        )
+        self.killed_by = f"SIGKILL {waited:.1f} s after the stop, SIGTERM having failed{cut}"
         self.kill()
         await self.ended.wait()
 
+    def _share(self, start: float, seconds: float) -> float:
+        """``seconds`` of the stop's own timetable, shrunk to fit a budget if one was given."""
+        own = self.child.grace + self.child.term_grace
+        allowed = self._stop_limit - start
+        if allowed >= own or own == 0:
+            return seconds
+        return seconds * max(0.0, allowed) / own
+
+    def _cut_short(self, start: float) -> str:
+        own = self.child.grace + self.child.term_grace
+        return "" if self._stop_limit - start >= own else ": the shutdown was cut short"
+
+    async def _ended_by(self, when: Callable[[], float]) -> bool:
+        """Wait until the incarnation has ended (True) or ``when()`` has come (False); a new
+        budget meanwhile moves ``when``."""
+        while not self.ended.is_set():
+            self._stop_changed = anyio.Event()
+            with anyio.move_on_at(when()):
+                async with anyio.create_task_group() as race:
+
+                    async def end_race(event: anyio.Event) -> None:
+                        await event.wait()
+                        race.cancel_scope.cancel()
+
+                    race.start_soon(end_race, self.ended)
+                    race.start_soon(end_race, self._stop_changed)
+            if anyio.current_time() >= when() and not self.ended.is_set():
+                return False
+        return True
+
     def kill(self) -> None:
         if not self._signal(signal.SIGKILL):
-            self._scope.cancel()  # no pid yet: cancelling the call kills the worker
+            self._scope.cancel()  # no worker yet: cancelling the start is enough
 
     def _signal(self, sig: signal.Signals) -> bool:
-        if self.pid is None or self.ended.is_set():
+        if self.worker is None or self.ended.is_set():
             return False
-        try:
-            os.kill(self.pid, sig)
-        except ProcessLookupError:
-            pass
+        self.worker.signal(sig)
         return True
 
     def _finish(self) -> None:
         if not self.ready.is_set() and self.failure is None:
-            self.failure = RuntimeError(f"child {self.child.name!r} ended before it was ready: {self._result[2]}")
-        code, sig, reason = self._result
+            how = "" if self.worker is None else f": {self.worker.ending().reason}"
+            self.failure = RuntimeError(f"child {self.child.name!r} ended before it was ready{how}")
+        ending = self.worker.ending() if self.worker is not None else None
+        code = None if ending is None else ending.exit_code
+        sig = None if ending is None else ending.signal
+        reason = "never started" if ending is None else ending.reason
         if self.killed_by is not None and not self.stopping:
             reason = self.killed_by
         elif self.killed_by is not None:
@@ -534,25 +672,29 @@ class _Incarnation:
         self.ready.set()
 
 
-def _popen_of(process: Process | None) -> Any:
-    """The ``subprocess.Popen`` under an anyio process on asyncio, if it can be found."""
-    return getattr(getattr(process, "_transport", None), "_proc", None)
+class HeartbeatReader:
+    """The parent's side of the child's :class:`~.child.Heartbeat`: what arrived since the last look."""
 
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._buffer = bytearray()
 
-def _returncode(process: Process | None, popen: Any) -> int | None:
-    """How the worker ended, even when asyncio lost it.
-
-    When a worker dies, anyio kills it to be sure; on asyncio that ``kill`` first polls
-    the ``subprocess.Popen`` underneath, which may reap the zombie before asyncio's
-    child watcher does: the watcher then reports 255 ("Unknown child process"). The
-    ``Popen`` (taken while the worker ran: asyncio lets go of it later) knows the truth.
-    """
-    if process is None:
-        return None
-    code = process.returncode
-    if code == 255 and popen is not None and isinstance(popen.returncode, int):
-        return int(popen.returncode)
-    return code
+    def take(self) -> tuple[bool, int | None]:
+        """Read without waiting: whether any heartbeat arrived, and the latest count."""
+        arrived = False
+        while True:
+            try:
+                chunk = self._sock.recv(65536, socket.MSG_DONTWAIT)
+            except OSError:  # nothing more for now (BlockingIOError), or the child is gone
+                break
+            if not chunk:
+                break  # the child closed it: it is ending
+            arrived = True
+            self._buffer += chunk
+        whole = len(self._buffer) - len(self._buffer) % BEAT.size
+        latest = BEAT.unpack_from(self._buffer, whole - BEAT.size)[0] if whole else None
+        del self._buffer[:whole]
+        return arrived, latest
 
 
 def _leaf(error: BaseException) -> BaseException:
@@ -560,16 +702,3 @@ def _leaf(error: BaseException) -> BaseException:
     while isinstance(error, BaseExceptionGroup) and error.exceptions:
         error = error.exceptions[0]
     return error
-
-
-def _find_worker(pid: int) -> Process | None:
-    """anyio's process object of the worker with this pid, to read how it ended.
-
-    anyio keeps its workers in a private run variable; if that changes, the exit of a
-    killed child is reported without its signal.
-    """
-    try:
-        workers = anyio.to_process._process_pool_workers.get()
-    except (AttributeError, LookupError):
-        return None
-    return next((process for process in workers if process.pid == pid), None)

@@ -293,7 +293,8 @@ async def test_a_child_that_ignores_sigterm_is_killed_at_the_stop(
     [exit] = exits
     assert exit.pid == pid
     assert exit.signal == "SIGKILL" and exit.exit_code is None
-    assert exit.reason == "killed by SIGKILL (killed after the grace period)"
+    assert exit.reason.startswith("killed by SIGKILL (SIGKILL ")
+    assert "s after the stop, SIGTERM having failed)" in exit.reason
     assert exit.expected and not exit.failed and exit.lost == 0
     sigterm, sigkill = (log_recorder.matching(text) for text in ("Child deaf still running after", ": SIGKILL"))
     assert sigterm[0].msg == "Child deaf still running after 0.3 s: SIGTERM"

@@ -1,0 +1,51 @@
+"""The worker process's entry: ``python -m aiobus._children._boot ANYIO CONTROL DATA BEATS LOGS``.
+
+Each argument is a descriptor of a socket the parent passed (see :mod:`.messages`). Before
+anything else runs they are made close-on-exec, so the worker's own subprocesses never
+hold them; then anyio's worker loop runs with its requests and replies on the first
+socket, not on descriptors 0 and 1 (see :mod:`.workers`).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from typing import BinaryIO
+
+
+class _Replies:
+    """Where anyio's worker writes its replies (``sys.stdout.buffer.write``): all of each, or nothing."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.buffer = self
+        self._sock = sock
+
+    def write(self, data: bytes) -> int:
+        self._sock.sendall(data)
+        return len(data)
+
+
+class _Requests:
+    """Where anyio's worker reads its requests (``pickle.load(sys.stdin.buffer)``)."""
+
+    def __init__(self, reader: BinaryIO) -> None:
+        self.buffer = reader
+
+
+def main(args: list[str]) -> None:
+    fds = [int(arg) for arg in args]
+    for fd in fds:
+        os.set_inheritable(fd, False)
+    protocol = socket.socket(fileno=fds[0])
+    protocol.setblocking(True)
+    sys.stdin = _Requests(protocol.makefile("rb"))
+    sys.stdout = _Replies(protocol)
+
+    from anyio.to_process import process_worker
+
+    process_worker()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
