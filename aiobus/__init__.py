@@ -26,6 +26,7 @@ from ._children import ChildBroker as ChildBroker
 from ._children import ChildUnavailable as ChildUnavailable
 from ._children import LineSplitter as LineSplitter
 from ._children import ParentLink as ParentLink
+from ._children import end_idle_workers as end_idle_workers
 from ._daemon import Daemon as Daemon
 from ._daemon import daemonize as daemonize
 from ._link import CorruptFrame as CorruptFrame
@@ -86,5 +87,6 @@ __all__ = [
     "connect_private",
     "daemonize",
     "default_supervisor",
+    "end_idle_workers",
     "log_to_structlog",
 ]

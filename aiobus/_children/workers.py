@@ -197,6 +197,36 @@ async def run_in_worker(worker: Worker, fn: Any, *args: Any) -> None:
     await anyio.to_process.run_sync(fn, *args, cancellable=True, limiter=cast(anyio.CapacityLimiter, view))
 
 
+async def end_idle_workers() -> int:
+    """End the idle worker processes of anyio's ``to_process`` pool in this event loop.
+
+    For a privilege change: a worker started before it keeps the old identity (a root
+    worker would run later ``to_process`` calls as root), and one the process can no
+    longer signal cannot be ended by anyio at shutdown. Workers busy with a call are
+    left alone.
+
+    Returns:
+        How many workers were ended (killed and reaped).
+
+    Cancelled: the ending is shielded; it takes the time of a kill.
+    """
+    try:
+        workers = anyio.to_process._process_pool_workers.get()
+        idle = anyio.to_process._process_pool_idle_workers.get()
+    except LookupError:  # no to_process call has run in this loop
+        return 0
+    ended = 0
+    with anyio.CancelScope(shield=True):
+        while idle:
+            process, _ = idle.pop()
+            workers.discard(process)
+            if process.returncode is None:
+                process.kill()
+                ended += 1
+            await process.aclose()
+    return ended
+
+
 class _PoolView(Process):
     """The worker as ``run_sync`` sees it, and the limiter that puts it in anyio's idle pool.
 

@@ -14,7 +14,7 @@ import pwd
 from dataclasses import dataclass
 from typing import Any
 
-from aiobus import Bus, SimplePlugin
+from aiobus import Bus, SimplePlugin, end_idle_workers
 
 _CAP_SETGID = 6
 _CAP_SETUID = 7
@@ -175,12 +175,17 @@ class DropPrivileges(SimplePlugin):
             return tuple(sorted(set(os.getgrouplist(self.user, self.gid))))
         return (self.gid,)
 
-    def start(self) -> None:
+    async def start(self) -> None:
         """Drop to the user and group given, then set the umask.
+
+        Idle worker processes of anyio's ``to_process`` pool are ended first (when an id
+        changes): they would keep the old identity, and could not be ended at shutdown.
 
         Raises:
             PermissionError: the process may not make a change asked for; nothing changed.
             OSError: a step failed; the group steps made are undone.
+
+        Cancelled: before the change, nothing changed; the change itself does not wait.
         """
         before = _Identity.now()
         self.bus.log(f"Privileges before the drop: {before.describe()}", **before.fields())
@@ -189,6 +194,10 @@ class DropPrivileges(SimplePlugin):
         change_groups = groups is not None and before.groups != groups
         change_uid = uid is not None and before.uids != (uid,) * 3
         self._check_allowed(before, change_gid or change_groups, change_uid)
+        if change_gid or change_groups or change_uid:
+            ended = await end_idle_workers()
+            if ended:
+                self.bus.log(f"Ended {ended} idle to_process worker(s) started as the old user", ended=ended)
         try:
             if gid is not None and change_gid:
                 os.setgid(gid)
