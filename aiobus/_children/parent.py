@@ -49,6 +49,8 @@ INBOX_BYTES = 16 * 2**20
 MESSAGE_OVERHEAD = 64
 #: Seconds to read what is left of a worker's output once it has ended.
 OUTPUT_DRAIN = 5.0
+#: Lines of a worker's stderr kept to explain a failure to start.
+LAST_LINES = 10
 
 
 class ChildUnavailable(RuntimeError):
@@ -367,6 +369,7 @@ class _Incarnation:
         self._scope = anyio.CancelScope()
         self._ran: BaseException | None = None  # how run_sync ended, if it raised
         self._run_done = anyio.Event()
+        self._last_lines: deque[str] = deque(maxlen=LAST_LINES)  # of its stderr, for a failure to start
         self._stop_limit = math.inf  # when a stop must be over (a budget shortens it)
         self._stop_changed = anyio.Event()
 
@@ -379,15 +382,10 @@ class _Incarnation:
             with self._scope:
                 self.worker = worker = await start_worker()
                 self.child._pid = worker.pid
-                async with anyio.create_task_group() as output:
-                    output.start_soon(self._forward, worker.stdout, "stdout")
-                    output.start_soon(self._forward, worker.stderr, "stderr")
-                    output.start_soon(self._forward_logs, worker.sockets["logs"])
-                    await self._run(worker)
-                    output.cancel_scope.deadline = anyio.current_time() + OUTPUT_DRAIN
+                await self._run_and_forward(worker)
         except Exception as error:
             if not self.ready.is_set():
-                self.failure = _leaf(error)
+                self.failure = self._explained(_leaf(error))
             else:
                 self.bus.log(f"Child {self.child.name}: {error!r}", logging.ERROR, child=self.child.name)
         finally:
@@ -396,10 +394,38 @@ class _Incarnation:
                     await self.worker.aclose()
             self._finish()
 
+    async def _run_and_forward(self, worker: Worker) -> None:
+        """Run the child, logging its output all along and draining it once the worker has ended."""
+        failure: Exception | None = None
+        async with anyio.create_task_group() as output:
+            output.start_soon(self._forward, worker.stdout, "stdout")
+            output.start_soon(self._forward, worker.stderr, "stderr")
+            output.start_soon(self._forward_logs, worker.sockets["logs"])
+            try:
+                await self._run(worker)
+            except Exception as error:
+                failure = error
+            # What the worker (and what is left of its group) wrote is read to its end, then the pipes close.
+            worker.signal(signal.SIGKILL)
+            with anyio.CancelScope(shield=True):
+                await worker.process.wait()
+            worker.kill_group()
+            output.cancel_scope.deadline = anyio.current_time() + OUTPUT_DRAIN
+        if failure is not None:
+            raise failure
+
+    def _explained(self, error: BaseException) -> BaseException:
+        """``error``, with the last lines the worker wrote to descriptor 2, if any, in its message."""
+        if not self._last_lines:
+            return error
+        lines = "\n  ".join(self._last_lines)
+        explained = type(error)(f"{error}; its last lines on stderr:\n  {lines}") if _rebuildable(error) else error
+        if explained is not error:
+            explained.__cause__ = error.__cause__
+        return explained
+
     async def _run(self, worker: Worker) -> None:
-        """Run the child in ``worker`` and serve it until the worker has ended and been reaped."""
-        control = Link(await UNIXSocketStream.from_socket(worker.sockets["control"]), name="control")
-        data = Link(await UNIXSocketStream.from_socket(worker.sockets["data"]), **self.child.link_options)
+        """Run the child in ``worker`` and serve it until the worker has ended."""
         spec = ChildSpec(
             self.child.fn,
             self.child.name,
@@ -412,7 +438,10 @@ class _Incarnation:
         async with anyio.create_task_group() as tasks:
             tasks.start_soon(self._run_worker, worker, spec)
             try:
-                async with control, data:
+                async with (
+                    Link(await UNIXSocketStream.from_socket(worker.sockets["control"]), name="control") as control,
+                    Link(await UNIXSocketStream.from_socket(worker.sockets["data"]), **self.child.link_options) as data,
+                ):
                     self.control, self.data = control, data
                     await self._serve(control, data, HeartbeatReader(worker.sockets["beats"]))
             except UndeliveredMessages as lost:
@@ -507,7 +536,7 @@ class _Incarnation:
         def emit(line: str) -> None:
             self.bus.log(line, logging.INFO, child=self.child.name, child_pid=self.pid, stream=name)
 
-        await forward_lines(stream, self.child.max_line, emit)
+        await forward_lines(stream, self.child.max_line, emit, keep=self._last_lines if name == "stderr" else None)
 
     async def _forward_logs(self, sock: socket.socket) -> None:
         """Log each structlog event of the child (a JSON line), its fields kept apart from ours."""
@@ -695,6 +724,11 @@ class HeartbeatReader:
         latest = BEAT.unpack_from(self._buffer, whole - BEAT.size)[0] if whole else None
         del self._buffer[:whole]
         return arrived, latest
+
+
+def _rebuildable(error: BaseException) -> bool:
+    """Whether ``type(error)(message)`` makes an error of the same kind (the plain ones do)."""
+    return type(error) in (RuntimeError, TimeoutError, WorkerError, OSError, ValueError, TypeError)
 
 
 def _leaf(error: BaseException) -> BaseException:
