@@ -14,8 +14,9 @@ Layers, from the bottom up; each uses only the public API of the ones below it:
    rendezvous no other local user can reach).
 3. supervision, written once for child brokers and external programs: ``_supervision``
    (restart policies, group strategies, intensity and backoff).
-4. child brokers: ``_children`` (the parent's side) and ``_worker`` (the child's side,
-   run in an ``anyio.to_process`` worker).
+4. child brokers, ``_children/``: ``messages`` (the protocol), ``parent`` (the parent's
+   side), ``child`` (the child's side, run in an ``anyio.to_process`` worker), ``output``
+   (output forwarding) and ``workers`` (the only code touching anyio's process internals).
 5. ``aiobus.plugins``: one module per plugin, built on the public API above.
 """
 
