@@ -397,3 +397,38 @@ async def test_statistics_count_messages_and_bytes() -> None:
 def test_works_on_trio(test: Callable[[], Awaitable[None]]) -> None:
     """The behaviour holds under the trio backend too."""
     anyio.run(test, backend="trio")
+
+
+async def test_finish_queues_its_last_message_on_a_full_link_and_refuses_later_sends() -> None:
+    """finish() queues past high_water without waiting, a waiting sender is refused, and all arrives in order."""
+    async with linked(high_water=1024) as (one, other):
+        refused: list[BaseException] = []
+
+        async def stuck_sender() -> None:
+            try:
+                while True:
+                    await one.send(b"x" * 512)
+            except anyio.ClosedResourceError as error:
+                refused.append(error)
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(stuck_sender)
+            await anyio.wait_all_tasks_blocked()  # the sender waits for room: nobody reads
+            accepted = one.statistics().buffered_messages + one.statistics().messages_sent
+            one.finish("the end")
+        assert len(refused) == 1
+        with pytest.raises(anyio.ClosedResourceError):
+            await one.send("too late")
+        with pytest.raises(anyio.ClosedResourceError):
+            one.send_nowait("too late")
+        received = [await other.receive() for _ in range(accepted + 1)]
+    assert received == [b"x" * 512] * accepted + ["the end"]
+
+
+async def test_last_size_is_the_pickled_size_of_the_message_received() -> None:
+    """After receive(), last_size is the payload size of that message's frame."""
+    async with linked() as (one, other):
+        for obj in (b"", b"y" * 100_000, ("a", 1)):
+            await one.send(obj)
+            assert await other.receive() == obj
+            assert other.last_size == len(pickle.dumps(obj, pickle.HIGHEST_PROTOCOL))

@@ -137,7 +137,8 @@ def _die_with_parent(parent_pid: int) -> None:
 
 
 def _watch_parent(parent_pid: int) -> None:
-    """Kill this process as soon as the parent has died, even if its event loop is blocked."""
+    """Kill this process, and its subprocesses in its process group, as soon as the parent has
+    died, even if its event loop is blocked."""
     try:
         fd = os.pidfd_open(parent_pid)
     except (AttributeError, OSError):  # not Linux 5.3+, or the parent is gone already
@@ -146,7 +147,7 @@ def _watch_parent(parent_pid: int) -> None:
             idle.wait(0.1)
     else:
         select.select([fd], [], [])  # readable once the parent has exited
-    os.kill(os.getpid(), signal.SIGKILL)
+    os.killpg(os.getpgid(0), signal.SIGKILL)  # the worker leads a group of its own
 
 
 def _take_standard_streams() -> None:

@@ -241,6 +241,8 @@ class _PoolView(Process):
     async def __aenter__(self) -> _PoolView:
         # Runs inside run_sync once its RunVars exist, right before it pops the most recently
         # idle worker, with no checkpoint in between: nothing else can take this one.
+        if self.returncode is not None:  # anyio would drop it from a set it is not in
+            raise anyio.BrokenWorkerProcess("the worker ended before the child could run in it")
         idle = anyio.to_process._process_pool_idle_workers.get()
         idle.append((self, anyio.current_time()))
         return self

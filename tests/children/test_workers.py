@@ -1,0 +1,66 @@
+"""The adapter to anyio's process pool: each child broker runs in a worker of its own."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import anyio
+import anyio.to_process
+import child_functions
+import pytest
+from processes import alive
+
+from aiobus import Bus, ChildBroker, end_idle_workers
+from aiobus._children.child import run_child
+from aiobus._children.messages import ChildSpec, Sockets
+
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="/proc (Linux)")
+
+
+class TestOwnWorker:
+    async def test_a_child_never_takes_a_worker_from_anyios_pool(self) -> None:
+        """With a worker idle in anyio's pool, the child runs elsewhere and the pool's worker is untouched."""
+        pooled = await anyio.to_process.run_sync(os.getpid)
+        async with Bus() as bus:
+            broker = ChildBroker(bus, "reporter", child_functions.report_pid)
+            broker.subscribe()
+            await bus.start()
+            message, pid = await broker.receive()
+            assert message == "pid" and pid != pooled
+            assert await anyio.to_process.run_sync(os.getpid) == pooled  # still there, still idle-able
+        assert alive([pooled]) == [pooled]
+        assert not alive([pid])
+        assert await end_idle_workers() == 1
+        assert not alive([pooled])
+
+    async def test_the_child_refuses_to_run_in_a_worker_not_started_for_it(self) -> None:
+        """run_child handed to a pool worker raises at once, and that worker lives on."""
+        spec = ChildSpec(child_functions.echo, "lost", os.getpid(), 1, 0.1, {}, Sockets(-1, -1, -1, -1))
+        with pytest.raises(RuntimeError, match="must run in worker 1"):
+            await anyio.to_process.run_sync(run_child, spec)
+        pooled = await anyio.to_process.run_sync(os.getpid)
+        assert alive([pooled]) == [pooled]
+        assert await end_idle_workers() == 1
+
+
+class TestEndIdleWorkers:
+    async def test_without_a_pool_nothing_is_ended(self) -> None:
+        """In a loop that never used to_process there is nothing to end."""
+        assert await end_idle_workers() == 0
+
+    async def test_idle_workers_are_killed_and_reaped(self) -> None:
+        """Two idle workers are ended; the next to_process call starts a new one."""
+        async with anyio.create_task_group() as group:
+            pids: list[int] = []
+
+            async def one() -> None:
+                pids.append(await anyio.to_process.run_sync(os.getpid))
+
+            group.start_soon(one)
+            group.start_soon(one)
+        assert await end_idle_workers() == 2
+        assert not alive(pids)
+        fresh = await anyio.to_process.run_sync(os.getpid)
+        assert fresh not in pids
+        assert await end_idle_workers() == 1
