@@ -76,7 +76,6 @@ class _Run:
     stop_sent: float | None = None  # when the stop signal was asked for
     killed: float | None = None  # when the life pipe was closed (SIGKILL to the whole tree)
     why_killed: str = ""  # why it was closed
-    stop_scope: anyio.CancelScope | None = None  # the deadline of the terminate() under way
     tail: deque[str] = field(default_factory=lambda: deque(maxlen=TAIL))  # the last lines of output
     exit: ChildExit | None = None
     known: anyio.Event = field(default_factory=anyio.Event)  # the pid is known, or never will be
@@ -283,17 +282,10 @@ class Subprocess(Child):
         run = self._run
         if run is None or run.ended.is_set():
             return
-        limit = self.kill_after + STOP_MARGIN if budget is None else max(0.0, budget)
-        deadline = anyio.current_time() + limit
-        if run.stop_scope is not None:  # a stop is under way: it ends by the new deadline at the latest
-            run.stop_scope.deadline = min(run.stop_scope.deadline, deadline)
-            await run.ended.wait()
-            return
         run.stopping = True
-        run.stop_scope = anyio.CancelScope(deadline=deadline)
         try:
-            await self._send_stop(run)
-            with run.stop_scope:
+            await self._send_stop(run)  # once: a call while another is under way only adds its deadline
+            with anyio.move_on_after(self.kill_after + STOP_MARGIN if budget is None else max(0.0, budget)):
                 await run.ended.wait()
         finally:
             if not run.ended.is_set():
@@ -378,7 +370,9 @@ class Subprocess(Child):
             raise RuntimeError(
                 f"program {self.name!r} {run.exit.reason} before it was ready ({ready}){_last_output(run)}"
             )
-        held = ready.held_elsewhere(run.pid) if isinstance(ready, PortReady) and run.pid is not None else None
+        held = None
+        if isinstance(ready, PortReady) and run.pid is not None:
+            held = await anyio.to_thread.run_sync(ready.held_elsewhere, run.pid)
         because = f"; {held}" if held else ""
         raise TimeoutError(
             f"program {self.name!r} was not ready within {self.ready_timeout:g} s ({ready}){because}: killed"

@@ -626,13 +626,15 @@ TRAP = (
     "    time.sleep(3600)\n"
 )
 
-# Listens on 127.0.0.1 or 0.0.0.0 (argv[2]) at port argv[3], itself or (argv[4] == "child") in a
-# process it starts, which stays in the program's process group.
+# Listens on the address argv[2] (:: meaning IPv6 and IPv4) at port argv[3], itself or (argv[4] ==
+# "child") in a process it starts, which stays in the program's process group.
 LISTENER = (
     "import socket, subprocess, sys, time\n"
     "if sys.argv[4] == 'child':\n"
     "    subprocess.run([sys.executable, sys.argv[0], sys.argv[1], sys.argv[2], sys.argv[3], 'self'])\n"
-    "server = socket.create_server((sys.argv[2], int(sys.argv[3])))\n"
+    "v6 = ':' in sys.argv[2]\n"
+    "family = socket.AF_INET6 if v6 else socket.AF_INET\n"
+    "server = socket.create_server((sys.argv[2], int(sys.argv[3])), family=family, dualstack_ipv6=v6)\n"
     "print('listening', flush=True)\n"
     "while True:\n"
     "    time.sleep(3600)\n"
@@ -703,10 +705,15 @@ class TestPortOwnership:
         assert isinstance(error, TimeoutError)
         assert f"port {port} is held by another process (pid {os.getpid()}), not by the program" in str(error)
 
-    async def test_program_listening_on_all_addresses_passes_a_check_on_localhost(self, where: Path) -> None:
-        """A listener on 0.0.0.0 is the program's own for a check on 127.0.0.1: the start succeeds."""
+    @pytest.mark.parametrize("address", ["0.0.0.0", "::"])
+    async def test_program_listening_on_all_addresses_passes_a_check_on_localhost(
+        self, where: Path, address: str
+    ) -> None:
+        """A listener on 0.0.0.0, or on :: for IPv6 and IPv4, is the program's own for a check on 127.0.0.1."""
+        if ":" in address and not socket.has_dualstack_ipv6():
+            pytest.skip("no dual-stack IPv6 here")
         port = free_port()
-        argv = [*script(where, "listener", LISTENER), "0.0.0.0", str(port), "self"]
+        argv = [*script(where, "listener", LISTENER), address, str(port), "self"]
         async with quiet_bus() as (bus, recorder, _):
             program = Subprocess(bus, "listener", argv, ready=PortReady(port))
             program.subscribe()
@@ -836,3 +843,17 @@ class TestTerminate:
         """Both names at once are refused, and the message names both."""
         with pytest.raises(TypeError, match="kill_after or stop_timeout"):
             Subprocess(Bus(), "p", ["true"], kill_after=1, stop_timeout=2)
+
+
+def test_port_readiness_works_on_trio(where: Path) -> None:
+    """On trio too, a PortReady check finds the program's own listener and the start succeeds."""
+    port = free_port()
+
+    async def start() -> State:
+        async with quiet_bus() as (bus, _, _):
+            argv = [*script(where, "listener", LISTENER), "127.0.0.1", str(port), "self"]
+            Subprocess(bus, "listener", argv, ready=PortReady(port)).subscribe()
+            await bus.start()
+            return bus.state
+
+    assert anyio.run(start, backend="trio") is State.STARTED
