@@ -264,7 +264,7 @@ class Subprocess(Child):
 
     @property
     def stop_budget(self) -> float:
-        """Seconds a stop takes at most with no budget of its own: ``kill_after``."""
+        """``kill_after``: the grace a stop with no budget of its own gives, from the stop signal to SIGKILL."""
         return self.kill_after
 
     async def terminate(self, budget: float | None = None) -> None:
