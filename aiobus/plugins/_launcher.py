@@ -1,6 +1,6 @@
 """The launcher that :class:`aiobus.plugins.Subprocess` runs each program through.
 
-It is a script, run as ``python -I _launcher.py STATUS_FD STOP_SIGNAL STOP_TIMEOUT -- ARGV...``
+It is a script, run as ``python -I _launcher.py STATUS_FD STOP_SIGNAL KILL_AFTER -- ARGV...``
 in a session of its own, with standard input the read end of a pipe whose write end only
 the supervising process holds (the *life pipe*), and standard output and error the pipes
 the supervisor reads. It imports nothing but the standard library.
@@ -13,11 +13,12 @@ the supervisor reads. It imports nothing but the standard library.
    ``pid N`` on STATUS_FD, or ``error ERRNO MESSAGE`` if the program could not be run, and
    closes it.
 3. A byte on the life pipe asks for a stop: STOP_SIGNAL goes to the program's process group,
-   and whatever is left STOP_TIMEOUT seconds later is killed. The program ending on its own
+   and whatever is left KILL_AFTER seconds later is killed. The program ending on its own
    is handled the same way: what it left behind in its group gets STOP_SIGNAL, then SIGKILL.
 4. End of file on the life pipe means the supervisor closed it or died, however it died
    (even by SIGKILL: the kernel closes its descriptors): the program's group and every
-   orphan reparented to the launcher get SIGKILL at once.
+   orphan reparented to the launcher get SIGKILL at once. The supervisor that cuts a stop
+   short writes the byte, then closes the pipe: STOP_SIGNAL first, SIGKILL right after it.
 5. SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1 and SIGUSR2 sent to the launcher are passed on
    to the program's group.
 6. It exits once no descendant is left (so its exit means the whole tree is gone), with the
@@ -130,7 +131,7 @@ def _start(argv: list[str], status_fd: int) -> int:
 
 
 def main(args: list[str]) -> NoReturn:
-    status_fd, stop_signal, stop_timeout = int(args[0]), int(args[1]), float(args[2])
+    status_fd, stop_signal, kill_after = int(args[0]), int(args[1]), float(args[2])
     argv = args[4:]
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_r, False)
@@ -148,7 +149,7 @@ def main(args: list[str]) -> NoReturn:
 
     def begin_stop() -> float:
         _signal_group(pgid, stop_signal)
-        return time.monotonic() + stop_timeout
+        return time.monotonic() + kill_after
 
     while True:
         while True:  # reap whatever has ended

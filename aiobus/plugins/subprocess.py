@@ -15,13 +15,22 @@ launcher exits once every descendant is gone, with the program's own exit status
 exit seen here is the program's and means its whole tree has ended. (A ``fork()`` of the
 supervising process without ``exec`` keeps the pipe open in the copy, as long as it lives.)
 
+**Readiness.** With ``ready``, the start returns only once the check passes: a line of
+output matches (:class:`LineReady`), or the port answers and the listening socket is held
+by the program's process group (:class:`PortReady`: a port held by another process does
+not count). A program that ends first fails the start with its last lines of output.
+
 **Stopping.** A byte on the same pipe asks the launcher to send the stop signal to the
-program's process group (``os.killpg``: grandchildren get it too) and, ``stop_timeout``
+program's process group (``os.killpg``: grandchildren get it too) and, ``kill_after``
 seconds later, SIGKILL to whatever is left of it and to any descendant that left the
-group. A program that ends on its own gets the same treatment for what it leaves
-behind, as systemd does; its exit is reported once all of it has ended. The supervisor makes all
-restart decisions in one task, which a stop ends before any child is stopped: a program
-cannot be restarted while a stop is under way (circus#529).
+group. A stop with a shorter budget (:meth:`Subprocess.terminate`) sends the stop signal
+all the same, and closes the pipe once the budget is spent: SIGKILL to the whole tree at
+once. So does a program whose incarnation is cancelled without a stop (the bus's tasks
+ending first), right after the stop signal. The exit's reason says which of these
+happened, and after how long. A program that ends on its own gets the same treatment for
+what it leaves behind, as systemd does; its exit is reported once all of it has ended.
+The supervisor makes all restart decisions in one task, which a stop ends before any child
+is stopped: a program cannot be restarted while a stop is under way (circus#529).
 """
 
 from __future__ import annotations
@@ -32,6 +41,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -47,8 +57,11 @@ __all__ = ["LineReady", "PortReady", "Subprocess"]
 LAUNCHER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_launcher.py")  # beside this module
 LAUNCH_TIMEOUT = 30.0  # seconds for the launcher to say whether the program could be run
 OUTPUT_DRAIN = 5.0  # seconds to read what is left in the pipes once the program's tree has ended
-STOP_MARGIN = 5.0  # seconds beyond stop_timeout before the supervisor kills the launcher itself
+STOP_MARGIN = 5.0  # seconds beyond kill_after, or after the life pipe is closed, before the launcher is killed
 AT_ONCE = 1.0  # a program that ends within this many seconds of its start "exited at once"
+KILL_AFTER = 10.0  # the default kill_after
+TAIL = 10  # lines of output kept of each incarnation, for the error when it ends before it is ready
+TAIL_WIDTH = 500  # characters of each of those lines in that error
 
 
 @dataclass(eq=False)
@@ -59,7 +72,11 @@ class _Run:
     started: float
     status_fd: int  # the read end of the launcher's status pipe, until _confirm closes it
     pid: int | None = None
-    stopping: bool = False
+    stopping: bool = False  # terminate() was called: the exit is expected
+    stop_sent: float | None = None  # when the stop signal was asked for
+    killed: float | None = None  # when the life pipe was closed (SIGKILL to the whole tree)
+    why_killed: str = ""  # why it was closed
+    tail: deque[str] = field(default_factory=lambda: deque(maxlen=TAIL))  # the last lines of output
     exit: ChildExit | None = None
     known: anyio.Event = field(default_factory=anyio.Event)  # the pid is known, or never will be
     line_seen: anyio.Event = field(default_factory=anyio.Event)
@@ -130,12 +147,17 @@ class Subprocess(Child):
         cwd: the program's working directory (by default, this process's).
         restart: ``"permanent"``, ``"transient"`` or ``"temporary"``.
         stop_signal: sent to the program's process group to stop it.
-        stop_timeout: seconds after the stop signal before SIGKILL goes to the group.
-        ready: None, :class:`PortReady` or :class:`LineReady` (a whole line matching): the
-            program counts as started (and the next one in its group starts) only once the
-            check passes.
+        kill_after: seconds from the stop signal to SIGKILL of whatever is left of the
+            program's tree (10 by default); also its :attr:`stop_budget`. Not to be confused
+            with ``Bus(stop_timeout=...)``, a bound on each step of the bus's shutdown.
+        stop_timeout: the old name of ``kill_after``, still accepted (not both).
+        ready: None, :class:`PortReady` (the port answers, held by the program's process
+            group) or :class:`LineReady` (a line of output matching): the program counts as
+            started (and the next one in its group starts) only once the check passes. If it
+            ends first, the start fails with a RuntimeError quoting its last lines of output.
         ready_timeout: seconds the check may take; past it the program is killed and its
-            start fails with a TimeoutError.
+            start fails with a TimeoutError (which names the process holding the port, if a
+            PortReady's port is held by another).
         max_line: the longest line of output kept, in bytes.
         supervisor: the group to join (a Supervisor you subscribed); the bus's default one if None.
 
@@ -155,7 +177,8 @@ class Subprocess(Child):
         cwd: str | os.PathLike[str] | None = None,
         restart: Restart | str = Restart.PERMANENT,
         stop_signal: int = signal.SIGTERM,
-        stop_timeout: float = 10.0,
+        kill_after: float | None = None,
+        stop_timeout: float | None = None,
         ready: PortReady | LineReady | None = None,
         ready_timeout: float = 30.0,
         max_line: int = 65536,
@@ -176,7 +199,12 @@ class Subprocess(Child):
             self.stop_signal = signal.Signals(stop_signal)
         except ValueError:
             raise ValueError(f"stop_signal must be a signal, not {stop_signal!r}") from None
-        self.stop_timeout = _seconds("stop_timeout", stop_timeout, zero=True)
+        if kill_after is not None and stop_timeout is not None:
+            raise TypeError("give kill_after or stop_timeout (its old name), not both")
+        if stop_timeout is not None:
+            self.kill_after = _seconds("stop_timeout", stop_timeout, zero=True)
+        else:
+            self.kill_after = _seconds("kill_after", KILL_AFTER if kill_after is None else kill_after, zero=True)
         if ready is not None and not isinstance(ready, PortReady | LineReady):
             raise TypeError(f"ready must be None, a PortReady or a LineReady, not {ready!r}")
         self.ready = ready
@@ -218,7 +246,8 @@ class Subprocess(Child):
                 await self._wait_ready(run)
         except BaseException:
             with anyio.CancelScope(shield=True):
-                await self._kill(run)
+                await self._kill(run, "its start failed")
+                await run.ended.wait()
             raise
 
     async def wait(self) -> ChildExit:
@@ -235,36 +264,40 @@ class Subprocess(Child):
 
     @property
     def stop_budget(self) -> float:
-        return self.stop_timeout
+        """``kill_after``: the grace a stop with no budget of its own gives, from the stop signal to SIGKILL."""
+        return self.kill_after
 
     async def terminate(self, budget: float | None = None) -> None:
-        """Stop the program: ``stop_signal`` to its group, SIGKILL ``stop_timeout`` s later.
+        """Stop the program: ``stop_signal`` to its group, SIGKILL ``kill_after`` s later.
+
+        With a ``budget`` (seconds in all) shorter than that, the stop signal still goes
+        first, and once the budget is spent the whole tree gets SIGKILL at once. A call while
+        another is under way shortens the time left to its own budget, and returns when the
+        program has ended too.
 
         Returns once the program and its descendants have ended; the exit is reported with
-        ``expected=True``. If cancelled, the program is killed at once (and waited for).
+        ``expected=True``, its reason saying how it ended and after how long. If cancelled,
+        the program is killed at once (and waited for).
         """
         run = self._run
         if run is None or run.ended.is_set():
             return
         run.stopping = True
         try:
-            if run.process.stdin is not None:
-                try:
-                    await run.process.stdin.send(b"s")
-                except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-                    pass  # the launcher is ending already
-            with anyio.move_on_after(self.stop_timeout + STOP_MARGIN):
+            await self._send_stop(run)  # once: a call while another is under way only adds its deadline
+            with anyio.move_on_after(self.kill_after + STOP_MARGIN if budget is None else max(0.0, budget)):
                 await run.ended.wait()
         finally:
             if not run.ended.is_set():
                 with anyio.CancelScope(shield=True):
-                    await self._kill(run)
+                    await self._kill(run, "the shutdown was cut short")
+                    await run.ended.wait()
 
     # -- one incarnation ----------------------------------------------------------------
 
     async def _launch(self) -> _Run:
         status_r, status_w = os.pipe()
-        argv = [sys.executable, "-I", LAUNCHER, str(status_w), str(int(self.stop_signal)), repr(self.stop_timeout)]
+        argv = [sys.executable, "-I", LAUNCHER, str(status_w), str(int(self.stop_signal)), repr(self.kill_after)]
         try:
             process = await anyio.open_process(
                 [*argv, "--", *self.argv],
@@ -318,7 +351,7 @@ class Subprocess(Child):
                 async def check() -> None:
                     nonlocal passed
                     if isinstance(ready, PortReady):
-                        await ready.wait()
+                        await ready.wait(run.pid)
                     else:
                         await run.line_seen.wait()
                     passed = True
@@ -334,19 +367,44 @@ class Subprocess(Child):
             return
         if run.ended.is_set():
             assert run.exit is not None
-            raise RuntimeError(f"program {self.name!r} {run.exit.reason} before it was ready ({ready})")
-        raise TimeoutError(f"program {self.name!r} was not ready within {self.ready_timeout:g} s ({ready}): killed")
+            raise RuntimeError(
+                f"program {self.name!r} {run.exit.reason} before it was ready ({ready}){_last_output(run)}"
+            )
+        held = None
+        if isinstance(ready, PortReady) and run.pid is not None:
+            held = await anyio.to_thread.run_sync(ready.held_elsewhere, run.pid)
+        because = f"; {held}" if held else ""
+        raise TimeoutError(
+            f"program {self.name!r} was not ready within {self.ready_timeout:g} s ({ready}){because}: killed"
+        )
 
-    async def _kill(self, run: _Run) -> None:
-        """Kill the program's tree at once (end of the life pipe), and wait for the end."""
+    async def _send_stop(self, run: _Run) -> None:
+        """Ask the launcher to send the stop signal to the program's group (once)."""
+        if run.stop_sent is not None:
+            return
+        run.stop_sent = anyio.current_time()
         if run.process.stdin is not None:
-            await run.process.stdin.aclose()
+            try:
+                await run.process.stdin.send(b"s")
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                pass  # the launcher is ending already
+
+    async def _kill(self, run: _Run, why: str) -> None:
+        """Kill the program's tree: the stop signal, then at once SIGKILL to all of it (the end
+        of the life pipe); return once the launcher has ended."""
+        process = run.process
+        if run.killed is None:
+            sent = run.stop_sent  # when the stop signal went, if it did: the program has had its grace
+            await self._send_stop(run)
+            run.killed, run.why_killed = (run.stop_sent if sent is None else anyio.current_time()), why
+        if process.stdin is not None:
+            await process.stdin.aclose()
         with anyio.move_on_after(STOP_MARGIN):
-            await run.ended.wait()
-        if not run.ended.is_set():
+            await process.wait()
+        if process.returncode is None:
             self.bus.log(f"Program {self.name}: its launcher does not end; killing it", logging.ERROR)
-            run.process.kill()
-            await run.ended.wait()
+            process.kill()
+            await process.wait()
 
     async def _follow(self, run: _Run) -> None:
         """Read the output and wait for the end of one incarnation; kill it if cancelled."""
@@ -361,12 +419,7 @@ class Subprocess(Child):
         finally:
             with anyio.CancelScope(shield=True):
                 if process.returncode is None:  # cancelled without a stop: leave nothing behind
-                    if process.stdin is not None:
-                        await process.stdin.aclose()
-                    with anyio.move_on_after(STOP_MARGIN):
-                        await process.wait()
-                    if process.returncode is None:
-                        process.kill()
+                    await self._kill(run, "the bus's tasks ended before it was stopped")
                 await process.aclose()
             run.exit = self._exit_of(run, anyio.current_time())
             run.ended.set()
@@ -388,6 +441,7 @@ class Subprocess(Child):
                 self._emit(run, name, last)
 
     def _emit(self, run: _Run, stream: str, line: str) -> None:
+        run.tail.append(line)
         self.bus.log(line, logging.INFO, program=self.name, pid=run.pid, stream=stream)
         ready = self.ready
         if isinstance(ready, LineReady) and ready.stream in (None, stream) and ready.regex.search(line):
@@ -398,15 +452,29 @@ class Subprocess(Child):
         signame = _signal_name(-code) if code is not None and code < 0 else None
         exit_code = None if signame is not None else code
         how = f"was killed by {signame}" if signame else f"exited with code {exit_code}"
-        if run.stopping:
+        if run.stop_sent is not None:
+            stop = self.stop_signal.name
+            cut = None if run.killed is None else run.killed - run.stop_sent
             if signame == "SIGKILL" and self.stop_signal != signal.SIGKILL:
-                reason = f"killed with SIGKILL after the {self.stop_timeout:g} s stop timeout"
-            elif signame == self.stop_signal.name:
+                if cut is not None and cut < self.kill_after:
+                    after = "right after" if cut == 0 else f"{cut:.1f} s after"
+                    reason = f"killed with SIGKILL {after} {stop}: {run.why_killed}"
+                else:
+                    reason = f"killed with SIGKILL {self.kill_after:g} s after {stop} (kill_after)"
+            elif signame == stop:
                 reason = f"stopped with {signame}"
             else:
-                reason = f"stopped with {self.stop_signal.name}: it {how}"
+                reason = f"stopped with {stop}: it {how}"
         elif now - run.started < AT_ONCE:
             reason = f"{how} at once ({now - run.started:.2f} s after its start)"
         else:
             reason = how
         return ChildExit(self.name, run.pid, exit_code, signame, reason, expected=run.stopping)
+
+
+def _last_output(run: _Run) -> str:
+    """The incarnation's last lines of output, for an error message."""
+    if not run.tail:
+        return " (it wrote no output)"
+    cut = [line if len(line) <= TAIL_WIDTH else line[:TAIL_WIDTH] + "…" for line in run.tail]
+    return "; its last output:\n" + "\n".join(f"    {line}" for line in cut)

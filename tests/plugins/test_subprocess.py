@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import socket
 import stat
@@ -163,7 +164,7 @@ class TestConstruction:
 
     @pytest.mark.parametrize(
         ("option", "value"),
-        [("stop_timeout", -1), ("stop_timeout", float("inf")), ("ready_timeout", 0), ("max_line", 0)],
+        [("kill_after", -1), ("kill_after", float("inf")), ("stop_timeout", -1), ("ready_timeout", 0), ("max_line", 0)],
     )
     def test_bad_numbers_are_value_errors_naming_them(self, option: str, value: Any) -> None:
         """Timeouts and the line limit out of range are refused, and the message names the option."""
@@ -303,10 +304,10 @@ class TestReadiness:
 
 class TestStopping:
     async def test_stop_signal_reaches_the_group_then_sigkill_after_the_timeout(self, where: Path) -> None:
-        """SIGTERM goes to the program's group; as they ignore it, SIGKILL follows stop_timeout later, to all."""
+        """SIGTERM goes to the program's group; as they ignore it, SIGKILL follows kill_after later, to all."""
         async with quiet_bus() as (bus, recorder, exits):
             Subprocess(
-                bus, "family", script(where, "family", FAMILY), stop_timeout=2.0, ready=LineReady("ready")
+                bus, "family", script(where, "family", FAMILY), kill_after=2.0, ready=LineReady("ready")
             ).subscribe()
             await bus.start()
             await logged(bus, recorder, "grandchild", 2)
@@ -321,7 +322,7 @@ class TestStopping:
         assert took >= 2.0
         [exit] = exits.exits
         assert (exit.pid, exit.signal, exit.expected) == (program, "SIGKILL", True)
-        assert "stop timeout" in exit.reason
+        assert exit.reason == "killed with SIGKILL 2 s after SIGTERM (kill_after)"
         assert not alive([program, *grandchildren])
 
     async def test_leftovers_of_a_program_that_ended_are_stopped(self, where: Path) -> None:
@@ -611,3 +612,248 @@ class TestMisuse:
         assert bus.exit_code == 70
         assert not alive([pid])
         assert program.pid is None
+
+
+# Traps SIGTERM: writes a marker file and says so, then goes on sleeping (only SIGKILL ends it).
+TRAP = (
+    "import pathlib, signal, sys, time\n"
+    "def trap(*_):\n"
+    "    pathlib.Path(sys.argv[1], 'got-sigterm').touch()\n"
+    "    print('got SIGTERM', flush=True)\n"
+    "signal.signal(signal.SIGTERM, trap)\n"
+    "print('ready', flush=True)\n"
+    "while True:\n"
+    "    time.sleep(3600)\n"
+)
+
+# Listens on the address argv[2] (:: meaning IPv6 and IPv4) at port argv[3], itself or (argv[4] ==
+# "child") in a process it starts, which stays in the program's process group.
+LISTENER = (
+    "import socket, subprocess, sys, time\n"
+    "if sys.argv[4] == 'child':\n"
+    "    subprocess.run([sys.executable, sys.argv[0], sys.argv[1], sys.argv[2], sys.argv[3], 'self'])\n"
+    "v6 = ':' in sys.argv[2]\n"
+    "family = socket.AF_INET6 if v6 else socket.AF_INET\n"
+    "server = socket.create_server((sys.argv[2], int(sys.argv[3])), family=family, dualstack_ipv6=v6)\n"
+    "print('listening', flush=True)\n"
+    "while True:\n"
+    "    time.sleep(3600)\n"
+)
+
+
+def held_port() -> socket.socket:
+    """A socket of this process listening on a free port of 127.0.0.1."""
+    return socket.create_server(("127.0.0.1", 0))
+
+
+HIDDEN = """
+import sys
+import anyio
+from aiobus import Bus, log_to_structlog
+from aiobus.plugins.subprocess import PortReady, Subprocess
+
+PORT, MARK = int(sys.argv[1]), sys.argv[2]
+# not dumpable before it listens: without CAP_SYS_PTRACE, its descriptors cannot be followed
+LISTEN = (
+    "import ctypes, socket, sys, time\\n"
+    "ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)\\n"
+    "server = socket.create_server(('127.0.0.1', int(sys.argv[1])))\\n"
+    "time.sleep(3600)\\n"
+)
+
+async def main() -> None:
+    async with Bus() as bus:
+        bus.unsubscribe("log", log_to_structlog)
+        check = PortReady(PORT)
+        program = Subprocess(bus, "hidden", [sys.executable, "-c", LISTEN, str(PORT), MARK], ready=check)
+        program.subscribe()
+        await bus.start()
+        print("started; owned:", check._survey(program.pid, False).owned, flush=True)
+
+anyio.run(main)
+"""
+
+
+class TestPortOwnership:
+    async def test_port_held_by_another_process_fails_the_start_with_the_programs_error(self, where: Path) -> None:
+        """A program that cannot bind a port held by someone else fails the start with its own error; nothing runs."""
+        with held_port() as holder:
+            port = holder.getsockname()[1]
+            argv = [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", str(where)]
+            async with quiet_bus() as (bus, _, exits):
+                Subprocess(bus, "web", argv, ready=PortReady(port)).subscribe()
+                with pytest.raises(ChannelFailures) as info:
+                    await bus.start()
+                assert bus.state is not State.STARTED
+                assert not marked(str(where))
+        [error] = info.value.exceptions
+        assert isinstance(error, RuntimeError)
+        assert "before it was ready" in str(error) and "Address already in use" in str(error)
+        assert "Address already in use" in exits.exits[0].reason
+
+    async def test_timeout_while_another_process_holds_the_port_names_the_holder(self, where: Path) -> None:
+        """A program that never listens, on a port this process holds: the TimeoutError names the port and our pid."""
+        with held_port() as holder:
+            port = holder.getsockname()[1]
+            async with quiet_bus() as (bus, _, _):
+                argv = script(where, "idle", SLEEPER)
+                Subprocess(bus, "idle", argv, ready=PortReady(port), ready_timeout=1).subscribe()
+                with pytest.raises(ChannelFailures) as info:
+                    await bus.start()
+                assert not marked(str(where))
+        [error] = info.value.exceptions
+        assert isinstance(error, TimeoutError)
+        assert f"port {port} is held by another process (pid {os.getpid()}), not by the program" in str(error)
+
+    @pytest.mark.parametrize("address", ["0.0.0.0", "::"])
+    async def test_program_listening_on_all_addresses_passes_a_check_on_localhost(
+        self, where: Path, address: str
+    ) -> None:
+        """A listener on 0.0.0.0, or on :: for IPv6 and IPv4, is the program's own for a check on 127.0.0.1."""
+        if ":" in address and not socket.has_dualstack_ipv6():
+            pytest.skip("no dual-stack IPv6 here")
+        port = free_port()
+        argv = [*script(where, "listener", LISTENER), address, str(port), "self"]
+        async with quiet_bus() as (bus, recorder, _):
+            program = Subprocess(bus, "listener", argv, ready=PortReady(port))
+            program.subscribe()
+            await bus.start()
+            assert bus.state is State.STARTED
+            assert lines(recorder.records, "listener") == ["listening"]
+
+    async def test_port_held_by_a_process_the_program_started_is_the_programs(self, where: Path) -> None:
+        """The listening socket may belong to any process of the program's group, not only to the program."""
+        port = free_port()
+        argv = [*script(where, "listener", LISTENER), "127.0.0.1", str(port), "child"]
+        async with quiet_bus() as (bus, recorder, _):
+            Subprocess(bus, "parent", argv, ready=PortReady(port)).subscribe()
+            await bus.start()
+            assert lines(recorder.records, "parent") == ["listening"]
+
+    async def test_error_of_a_program_ending_before_it_is_ready_quotes_its_last_ten_lines(self, where: Path) -> None:
+        """Only the last ten lines of a program that ended before it was ready are quoted in the error."""
+        code = "for i in range(30):\n    print(f'line {i}')\nraise SystemExit(5)\n"
+        async with quiet_bus() as (bus, _, _):
+            Subprocess(bus, "talker", script(where, "talker", code), ready=LineReady("never")).subscribe()
+            with pytest.raises(ChannelFailures) as info:
+                await bus.start()
+        [error] = info.value.exceptions
+        quoted = str(error).split("its last output:\n", 1)[1].splitlines()
+        assert [line.strip() for line in quoted] == [f"line {i}" for i in range(20, 30)]
+
+    @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="drops CAP_SYS_PTRACE with setpriv")
+    def test_descriptors_that_cannot_be_read_fall_back_to_the_program_being_alive(
+        self, spawn: Spawner, where: Path
+    ) -> None:
+        """Where the program's descriptors cannot be read, the port answering while it lives is enough."""
+        path = where / "hidden.py"
+        path.write_text(HIDDEN)
+        argv = ["setpriv", "--bounding-set", "-sys_ptrace", sys.executable, str(path), str(free_port()), str(where)]
+        child = spawn.run(argv)
+        assert child.wait(timeout=WAIT) == 0, child.output
+        assert "started; owned: None" in child.output
+        wait_gone(str(where))
+
+
+class TestTerminate:
+    async def test_short_budget_sends_the_stop_signal_then_kills_within_it(self, where: Path) -> None:
+        """terminate(budget=1) of a program ignoring SIGTERM: SIGTERM, SIGKILL ~1 s later, and the reason says so."""
+        async with quiet_bus() as (bus, _, _):
+            program = Subprocess(bus, "trap", script(where, "trap", TRAP), kill_after=30, ready=LineReady("ready"))
+            program.subscribe()
+            await bus.start()
+            began = time.monotonic()
+            await program.terminate(budget=1)
+            took = time.monotonic() - began
+            exit = await program.wait()
+        assert (where / "got-sigterm").exists()
+        assert 1.0 <= took < WAIT
+        assert (exit.signal, exit.expected) == ("SIGKILL", True)
+        match = re.fullmatch(r"killed with SIGKILL (\d+\.\d) s after SIGTERM: the shutdown was cut short", exit.reason)
+        assert match is not None, exit.reason
+        assert 0.95 <= float(match[1]) <= took + 0.05
+
+    async def test_terminate_of_a_program_that_ends_on_sigterm_says_stopped_with_sigterm(self, where: Path) -> None:
+        """A program that ends on its stop signal is reported "stopped with SIGTERM", expected."""
+        async with quiet_bus() as (bus, _, _):
+            program = Subprocess(bus, "sleeper", script(where, "sleeper", SLEEPER), ready=LineReady("pid"))
+            program.subscribe()
+            await bus.start()
+            await program.terminate()
+            exit = await program.wait()
+        assert (exit.signal, exit.expected, exit.reason) == ("SIGTERM", True, "stopped with SIGTERM")
+
+    async def test_second_terminate_shortens_the_stop_under_way(self, where: Path) -> None:
+        """A terminate(budget) during a terminate() with kill_after=30 has the program killed within the new budget."""
+        async with quiet_bus() as (bus, recorder, _):
+            program = Subprocess(bus, "trap", script(where, "trap", TRAP), kill_after=30, ready=LineReady("ready"))
+            program.subscribe()
+            await bus.start()
+            began = time.monotonic()
+            async with anyio.create_task_group() as group:
+                group.start_soon(program.terminate)
+                await logged(bus, recorder, "got SIGTERM", 1)
+                await program.terminate(budget=0.5)
+            took = time.monotonic() - began
+            exit = await program.wait()
+        assert took < WAIT
+        assert exit.signal == "SIGKILL" and exit.reason.endswith("s after SIGTERM: the shutdown was cut short")
+
+    async def test_cancelled_terminate_kills_after_the_stop_signal_and_says_it_was_cut_short(self, where: Path) -> None:
+        """A stop cancelled after 1 s (say, by the bus's stop_timeout) kills the program and reports the real 1 s."""
+        async with quiet_bus() as (bus, _, _):
+            program = Subprocess(bus, "trap", script(where, "trap", TRAP), kill_after=30, ready=LineReady("ready"))
+            program.subscribe()
+            await bus.start()
+            with anyio.move_on_after(1):
+                await program.terminate()
+            exit = await program.wait()
+        assert (where / "got-sigterm").exists()
+        match = re.fullmatch(r"killed with SIGKILL (\d+\.\d) s after SIGTERM: the shutdown was cut short", exit.reason)
+        assert match is not None, exit.reason
+        assert float(match[1]) >= 0.95
+
+    async def test_program_left_running_when_the_bus_ends_is_killed_right_after_its_stop_signal(
+        self, where: Path
+    ) -> None:
+        """Cancelled without a stop, a program gets its stop signal, then SIGKILL, and the reason says why."""
+        async with Bus(stop_timeout=0.5) as bus:
+            bus.unsubscribe("log", log_to_structlog)
+            program = Subprocess(bus, "trap", script(where, "trap", TRAP), kill_after=30, ready=LineReady("ready"))
+            program.subscribe()
+
+            async def hang() -> None:
+                await anyio.sleep_forever()
+
+            bus.subscribe("stop", hang, priority=10)  # the supervisor's stop (20) is skipped
+            await bus.start()
+            with anyio.fail_after(WAIT):
+                await bus.exit()
+        exit = await program.wait()
+        assert exit.signal == "SIGKILL"
+        assert exit.reason == "killed with SIGKILL right after SIGTERM: the bus's tasks ended before it was stopped"
+
+    def test_old_keyword_stop_timeout_still_sets_kill_after(self) -> None:
+        """stop_timeout=, the old name, sets kill_after and the stop budget, with no warning."""
+        program = Subprocess(Bus(), "p", ["true"], stop_timeout=3)
+        assert (program.kill_after, program.stop_budget) == (3.0, 3.0)
+        assert Subprocess(Bus(), "p", ["true"]).kill_after == 10.0
+
+    def test_kill_after_and_stop_timeout_together_are_a_type_error(self) -> None:
+        """Both names at once are refused, and the message names both."""
+        with pytest.raises(TypeError, match="kill_after or stop_timeout"):
+            Subprocess(Bus(), "p", ["true"], kill_after=1, stop_timeout=2)
+
+
+def test_port_readiness_works_on_trio(where: Path) -> None:
+    """On trio too, a PortReady check finds the program's own listener and the start succeeds."""
+    port = free_port()
+
+    async def start() -> State:
+        async with quiet_bus() as (bus, _, _):
+            argv = [*script(where, "listener", LISTENER), "127.0.0.1", str(port), "self"]
+            Subprocess(bus, "listener", argv, ready=PortReady(port)).subscribe()
+            await bus.start()
+            return bus.state
+
+    assert anyio.run(start, backend="trio") is State.STARTED
