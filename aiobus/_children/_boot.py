@@ -1,9 +1,11 @@
-"""The worker process's entry: ``python -m aiobus._children._boot ANYIO CONTROL DATA BEATS LOGS``.
+"""The worker process's entry: ``python -P .../_boot.py ANYIO CONTROL DATA BEATS LOGS``.
 
-Each argument is a descriptor of a socket the parent passed (see :mod:`.messages`). Before
-anything else runs they are made close-on-exec, so the worker's own subprocesses never
-hold them; then anyio's worker loop runs with its requests and replies on the first
-socket, not on descriptors 0 and 1 (see :mod:`.workers`).
+It imports nothing of aiobus: the worker loads aiobus, and the parent's main module, with
+the parent's ``sys.path`` (anyio's ``init``), as anyio's own workers do. Each argument is a
+descriptor of a socket the parent passed (see :mod:`.messages`). Before anything else runs
+they are made close-on-exec, so the worker's own subprocesses never hold them; then anyio's
+worker loop runs with its requests and replies on the first socket, not on descriptors 0
+and 1 (see :mod:`.workers`).
 """
 
 from __future__ import annotations

@@ -49,6 +49,9 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 from .messages import Sockets
 
 _MAX_REPLY_LINE = 50  # anyio's own bound on a reply's first line
+#: The worker's entry, run by path with ``-P`` (imports nothing but the standard library and anyio
+#: until anyio's ``init`` has given it the parent's ``sys.path``).
+BOOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_boot.py")
 
 
 class WorkerError(RuntimeError):
@@ -139,7 +142,7 @@ async def start_worker() -> Worker:
     fds = [sock.fileno() for sock in child_ends]
     try:
         process = await anyio.open_process(
-            [sys.executable, "-m", "aiobus._children._boot", *map(str, fds)],
+            [sys.executable, "-P", BOOT, *map(str, fds)],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
