@@ -29,10 +29,13 @@ def log_to_structlog(msg: str, level: int = logging.INFO, **fields: Any) -> None
     """The bus's default ``log`` listener: one structlog event on the ``aiobus`` logger.
 
     A ``traceback`` field (sent by ``bus.log(..., traceback=True)``) becomes the
-    event's ``exception``, which structlog's renderers print as a traceback.
+    event's ``exception``, which structlog's renderers print as a traceback. A field named
+    ``event`` (structlog's own name for the message) is passed as ``event_``.
     """
     if "traceback" in fields:
         fields["exception"] = fields.pop("traceback")
+    if "event" in fields:
+        fields["event_"] = fields.pop("event")
     structlog.get_logger("aiobus").log(_standard_level(level), msg, **fields)
 
 

@@ -112,6 +112,12 @@ class TestStructlogRoute:
             log_to_structlog("oops", logging.ERROR, traceback="Traceback ...")
         assert events == [{"event": "oops", "log_level": "error", "exception": "Traceback ..."}]
 
+    def test_a_field_named_event_is_passed_as_event_(self) -> None:
+        """A field called event (structlog's name for the message) does not break the call: it becomes event_."""
+        with structlog.testing.capture_logs() as events:
+            log_to_structlog("order", logging.INFO, event="filled")
+        assert events == [{"event": "order", "log_level": "info", "event_": "filled"}]
+
     def test_non_standard_levels_map_down(self) -> None:
         """A level between the standard ones is logged at the standard level below it."""
         with structlog.testing.capture_logs() as events:

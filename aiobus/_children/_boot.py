@@ -15,6 +15,8 @@ import socket
 import sys
 from typing import BinaryIO
 
+_PR_SET_DUMPABLE = 4
+
 
 class _Replies:
     """Where anyio's worker writes its replies (``sys.stdout.buffer.write``): all of each, or nothing."""
@@ -35,7 +37,19 @@ class _Requests:
         self.buffer = reader
 
 
+def _not_dumpable() -> None:
+    """Make this process non-dumpable (Linux): no process of another user, nor of the one it
+    runs as, unless privileged, may ptrace it, list or open ``/proc/<pid>/fd``, or take a
+    copy of its descriptors with ``pidfd_getfd``. (A subprocess it runs is dumpable again
+    after its exec, and holds none of the sockets.)"""
+    if sys.platform == "linux":
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0)
+
+
 def main(args: list[str]) -> None:
+    _not_dumpable()
     fds = [int(arg) for arg in args]
     for fd in fds:
         os.set_inheritable(fd, False)

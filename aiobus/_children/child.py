@@ -264,8 +264,7 @@ def _send_logs_to(sock: socket.socket) -> None:
     lock = threading.Lock()
 
     def to_parent(logger: Any, method: str, event: MutableMapping[str, Any]) -> str:
-        event.setdefault("level", method)
-        line = encode_log(event)
+        line = encode_log(method, event)
         with lock:
             try:
                 sock.sendall(line)

@@ -15,6 +15,7 @@ data      the user's messages, then                   the user's messages (a Lin
           :class:`EndOfInput` (a Link)
 beats     nothing                                     :data:`BEAT` records, one per main tick
 logs      nothing                                     one JSON object per line, per log event
+                                                      (see :func:`encode_log`)
 ========  ==========================================  =========================================
 
 The control and data links are pickle (:class:`~aiobus.Link`), read only from the worker
@@ -105,9 +106,16 @@ _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARN
 _LEVELS.update(warn=logging.WARNING, critical=logging.CRITICAL, exception=logging.ERROR, fatal=logging.CRITICAL)
 
 
-def encode_log(event: Mapping[str, Any]) -> bytes:
-    """One log event as a JSON line; values JSON does not know are written as their repr."""
-    return json.dumps(dict(event), default=repr, ensure_ascii=False).encode() + b"\n"
+def encode_log(method: str, event: Mapping[str, Any]) -> bytes:
+    """One log event as a JSON line: ``{"event": text, "level": method, "fields": {...}}``.
+
+    The event's own fields travel apart from its text and level, so none can pass for them;
+    values JSON does not know are written as their repr.
+    """
+    fields = dict(event)
+    text = fields.pop("event", "")
+    line = {"event": text if isinstance(text, str) else repr(text), "level": method, "fields": fields}
+    return json.dumps(line, default=repr, ensure_ascii=False).encode() + b"\n"
 
 
 def decode_log(line: str) -> tuple[str, int, dict[str, Any]]:
@@ -115,20 +123,21 @@ def decode_log(line: str) -> tuple[str, int, dict[str, Any]]:
 
     Fields named as the parent's own (:data:`RESERVED_FIELDS`), or already starting with
     ``child.``, get the ``child.`` prefix: a child's ``child_pid`` field arrives as
-    ``child.child_pid``, its ``msg`` as ``child.msg``; no field of a child can take the place
-    of one of the parent's. A line that is not a JSON object (cut, or garbled) is logged
-    as it is, at WARNING, with ``malformed=True``.
+    ``child.child_pid``, its ``msg`` as ``child.msg``, a field of its own called ``level`` as
+    ``child.level``; no field of a child can take the place of one of the parent's. A line
+    that is not such a JSON object (cut, or garbled) is logged as it is, at WARNING, with
+    ``malformed=True``.
     """
     try:
         event = json.loads(line)
     except ValueError:
         event = None
-    if not isinstance(event, dict):
+    if not isinstance(event, dict) or not isinstance(event.get("fields"), dict):
         return line, logging.WARNING, {"malformed": True}
-    text = str(event.pop("event", ""))
-    level = _LEVELS.get(str(event.pop("level", "info")).lower(), logging.INFO)
+    text = str(event.get("event", ""))
+    level = _LEVELS.get(str(event.get("level", "info")).lower(), logging.INFO)
     fields = {}
-    for key, value in event.items():
+    for key, value in event["fields"].items():
         if key in RESERVED_FIELDS or key.startswith(CHILD_PREFIX):
             key = CHILD_PREFIX + key
         fields[key] = value
