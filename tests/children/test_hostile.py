@@ -251,7 +251,7 @@ class TestCollidingLogFields:
         assert (logging.WARNING, "child's level") == (record.level, record.fields.get("child.level"))
 
     async def test_bus_log_in_the_child_with_an_event_field_arrives(self, records: Records) -> None:
-        """bus.log with event= and child= in the child arrives: event as event_ (as on any bus), the rest child.<name>."""
+        """bus.log with event= and child= in a child arrives: event as event_ (as on any bus), the rest child.X."""
         record, _ = await self.wait_for_event(records, "colliding through bus.log")
         expected = {"event_": "bus event", "child.child": "bus child", "child.child_pid": -2}
         assert expected == {key: record.fields.get(key) for key in expected}
