@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 from helpers import LogRecorder
+from hostile_functions import Records, left_running
 from hypothesis import HealthCheck, settings
-from processes import Spawner
+from processes import Spawner, descendants
 
 # Property tests: no example database written into the tree, no per-example deadline
 # (the machines are shared and noisy; a slow example is not a failure).
@@ -41,3 +42,18 @@ def spawn(tmp_path: Path) -> Iterator[Spawner]:
     yield spawner
     left = spawner.close()
     assert not left, f"the test left processes running: {left}"
+
+
+@pytest.fixture
+def nothing_left_running() -> Iterator[None]:
+    """Fail the test if a process it started (a worker, or a worker's subprocess) still runs after it."""
+    before = descendants()
+    yield
+    left = left_running(before)
+    assert [] == left, f"processes left running: {left}"
+
+
+@pytest.fixture
+def records() -> Records:
+    """A log recorder that can wait for a condition (tests/hostile_functions.py)."""
+    return Records()

@@ -609,30 +609,27 @@ class _Incarnation:
         grace, term_grace = self.child.grace, self.child.term_grace
         with anyio.move_on_after(grace):
             await self.send_control(Stop())
-        if await self._ended_by(lambda: start + self._share(start, grace)):
-            return
-        waited = anyio.current_time() - start
-        cut = self._cut_short(start)
-        self.bus.log(
-            f"Child {self.child.name} still running after {waited:.1f} s{cut}: SIGTERM",
-            logging.WARNING,
-            child=self.child.name,
-            child_pid=self.pid,
+        escalation = (
+            (signal.SIGTERM, grace, "", "after the stop"),
+            (signal.SIGKILL, grace + term_grace, " after SIGTERM", "after the stop, SIGTERM having failed"),
         )
-        self.killed_by = f"SIGTERM {waited:.1f} s after the stop{cut}"
-        self._signal(signal.SIGTERM)
-        if await self._ended_by(lambda: start + self._share(start, grace + term_grace)):
-            return
-        waited = anyio.current_time() - start
-        cut = self._cut_short(start)
-        self.bus.log(
-            f"Child {self.child.name} still running after SIGTERM{cut}: SIGKILL",
-            logging.WARNING,
-            child=self.child.name,
-            child_pid=self.pid,
-        )
-        self.killed_by = f"SIGKILL {waited:.1f} s after the stop, SIGTERM having failed{cut}"
-        self.kill()
+        for sig, due, still, after in escalation:
+            if await self._ended_by(start, due):
+                return
+            waited = anyio.current_time() - start
+            cut = self._cut_short(start)
+            running = f" after {waited:.1f} s" if not still else still
+            self.bus.log(
+                f"Child {self.child.name} still running{running}{cut}: {sig.name}",
+                logging.WARNING,
+                child=self.child.name,
+                child_pid=self.pid,
+            )
+            self.killed_by = f"{sig.name} {waited:.1f} s {after}{cut}"
+            if sig is signal.SIGKILL:
+                self.kill()
+            else:
+                self._signal(sig)
         await self.ended.wait()
 
     def _share(self, start: float, seconds: float) -> float:
@@ -647,12 +644,13 @@ class _Incarnation:
         own = self.child.grace + self.child.term_grace
         return "" if self._stop_limit - start >= own else ": the shutdown was cut short"
 
-    async def _ended_by(self, when: Callable[[], float]) -> bool:
-        """Wait until the incarnation has ended (True) or ``when()`` has come (False); a new
-        budget meanwhile moves ``when``."""
+    async def _ended_by(self, start: float, due: float) -> bool:
+        """Wait until the incarnation has ended (True) or ``due`` seconds of the stop's timetable
+        have passed (False); a budget given meanwhile shrinks the timetable."""
         while not self.ended.is_set():
             self._stop_changed = anyio.Event()
-            with anyio.move_on_at(when()):
+            when = start + self._share(start, due)
+            with anyio.move_on_at(when):
                 async with anyio.create_task_group() as race:
 
                     async def end_race(event: anyio.Event) -> None:
@@ -661,7 +659,7 @@ class _Incarnation:
 
                     race.start_soon(end_race, self.ended)
                     race.start_soon(end_race, self._stop_changed)
-            if anyio.current_time() >= when() and not self.ended.is_set():
+            if anyio.current_time() >= start + self._share(start, due) and not self.ended.is_set():
                 return False
         return True
 

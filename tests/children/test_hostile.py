@@ -16,7 +16,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,29 +23,18 @@ import anyio
 import hostile_functions
 import pytest
 from helpers import LogRecord
-from hostile_functions import Records, left_running
-from processes import Child, Spawner, alive, descendants
+from hostile_functions import Records
+from processes import Child, Spawner, alive
 
 from aiobus import CHILD_EXIT_CHANNEL, Bus, ChildBroker, ChildExit
 
-pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="/proc, pidfd (Linux)")
+pytestmark = [
+    pytest.mark.skipif(sys.platform != "linux", reason="/proc, pidfd (Linux)"),
+    pytest.mark.usefixtures("nothing_left_running"),
+]
 
 #: Generous bound for one step (a worker starts in about 0.3 s on a quiet machine).
 STEP = 30.0
-
-
-@pytest.fixture(autouse=True)
-def nothing_left_running() -> Iterator[None]:
-    """Fail the test if a process it started (a worker, or a worker's subprocess) still runs after it."""
-    before = descendants()
-    yield
-    left = left_running(before)
-    assert [] == left, f"processes left running: {left}"
-
-
-@pytest.fixture
-def records() -> Records:
-    return Records()
 
 
 def from_stream(text: str, stream: str) -> Any:

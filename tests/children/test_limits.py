@@ -8,7 +8,6 @@ running afterwards.
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
 
 import anyio
 import hostile_functions
@@ -17,15 +16,16 @@ from hostile_functions import (
     FLOOD_MESSAGE_BYTES,
     FLOOD_MESSAGES,
     Records,
-    left_running,
     reset_peak_rss,
     vm_status,
 )
-from processes import descendants
 
 from aiobus import CHILD_EXIT_CHANNEL, Bus, ChildBroker, ChildExit, log_to_structlog
 
-pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="/proc, pidfd (Linux)")
+pytestmark = [
+    pytest.mark.skipif(sys.platform != "linux", reason="/proc, pidfd (Linux)"),
+    pytest.mark.usefixtures("nothing_left_running"),
+]
 
 #: Generous bound for one step (a worker starts in about 0.3 s on a quiet machine).
 STEP = 30.0
@@ -35,15 +35,6 @@ MIB = 2**20
 #: link's unparsed bytes (up to a frame, 4 MiB) and its copies while decoding (~ 2 frames): about
 #: 40 MiB; 200 MiB leaves room for the allocator and a noisy machine.
 GROWTH_BOUND = 200 * MIB
-
-
-@pytest.fixture(autouse=True)
-def nothing_left_running() -> Iterator[None]:
-    """Fail the test if a process it started (a worker, or a worker's subprocess) still runs after it."""
-    before = descendants()
-    yield
-    left = left_running(before)
-    assert [] == left, f"processes left running: {left}"
 
 
 def intact(number: int, message: object) -> bool:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from collections.abc import Iterator
 
 import anyio
 import hostile_functions
@@ -22,27 +21,19 @@ from hostile_functions import (
     HUGE_LINE_BYTES,
     HUGE_STDERR_BYTES,
     Records,
-    left_running,
 )
-from processes import descendants
 
 from aiobus import CHILD_EXIT_CHANNEL, Bus, ChildBroker, ChildExit, LineSplitter, log_to_structlog
 
-pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="/proc, pidfd (Linux)")
+pytestmark = [
+    pytest.mark.skipif(sys.platform != "linux", reason="/proc, pidfd (Linux)"),
+    pytest.mark.usefixtures("nothing_left_running"),
+]
 
 #: Generous bound for one step (a worker starts in about 0.3 s on a quiet machine).
 STEP = 30.0
 #: ChildBroker's default max_line.
 MAX_LINE = 65536
-
-
-@pytest.fixture(autouse=True)
-def nothing_left_running() -> Iterator[None]:
-    """Fail the test if a process it started (a worker, or a worker's subprocess) still runs after it."""
-    before = descendants()
-    yield
-    left = left_running(before)
-    assert [] == left, f"processes left running: {left}"
 
 
 def cut(kept: str, total: int) -> str:

@@ -11,37 +11,25 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import anyio
 import hostile_functions
 import pytest
-from hostile_functions import CRASH_FLAG, Records, is_worker, left_running
+from hostile_functions import CRASH_FLAG, Records, is_worker
 from processes import alive, descendants
 
 from aiobus import CHILD_EXIT_CHANNEL, Bus, ChildBroker, ChildExit, ChildUnavailable, Supervisor
 
-pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="/proc, pidfd (Linux)")
+pytestmark = [
+    pytest.mark.skipif(sys.platform != "linux", reason="/proc, pidfd (Linux)"),
+    pytest.mark.usefixtures("nothing_left_running"),
+]
 
 #: Generous bound for one step (a worker starts in about 0.3 s on a quiet machine).
 STEP = 30.0
 #: The size of each message sent to a child that never reads: a few fill its socket and link.
 BIG = 64 * 1024
-
-
-@pytest.fixture(autouse=True)
-def nothing_left_running() -> Iterator[None]:
-    """Fail the test if a process it started (a worker, or a worker's subprocess) still runs after it."""
-    before = descendants()
-    yield
-    left = left_running(before)
-    assert [] == left, f"processes left running: {left}"
-
-
-@pytest.fixture
-def records() -> Records:
-    return Records()
 
 
 def new_workers(before: set[int]) -> list[int]:
