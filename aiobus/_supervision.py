@@ -40,6 +40,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from ._bus import Bus
 from ._channels import ChannelFailures
+from ._order import Priority
 from ._plugin import SimplePlugin
 from ._state import State
 
@@ -250,10 +251,11 @@ class Supervisor(SimplePlugin):
         backoff: the delay before the first restart of a window, doubled for each
             further restart in it, up to ``max_backoff``.
 
-    Children start at the bus's start (priority 80: after ports are bound at 75 and
-    privileges dropped at 77), one after another, each once it is ready; if one
-    cannot start, the bus's start fails. They stop at the bus's stop (priority 20,
-    before most plugins close what the children may use), in reverse order.
+    Children start at the bus's start (``Priority.START_CHILDREN``, 80: after ports are
+    bound at 75 and privileges dropped at 77, before their users start at 85), one
+    after another, each once it is ready; if one cannot start, the bus's start fails.
+    They stop at the bus's stop (``Priority.STOP_CHILDREN``, 20: after their users
+    stopped at 10, before most plugins close what the children may use).
     """
 
     def __init__(
@@ -343,7 +345,7 @@ class Supervisor(SimplePlugin):
         self._ended = anyio.Event()
         self.bus.start_soon(self._supervise, self._scope, send, receive, name="aiobus supervisor")
 
-    start.priority = 80  # type: ignore[attr-defined]
+    start.priority = Priority.START_CHILDREN  # type: ignore[attr-defined]
 
     async def stop(self) -> None:
         """Stop every child in reverse order; no restart happens from here on.
@@ -357,7 +359,7 @@ class Supervisor(SimplePlugin):
             self._scope = None
         await self._terminate(reversed(self._children))
 
-    stop.priority = 20  # type: ignore[attr-defined]
+    stop.priority = Priority.STOP_CHILDREN  # type: ignore[attr-defined]
 
     async def graceful(self) -> None:
         """Pass graceful on to every running child.

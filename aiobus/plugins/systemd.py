@@ -14,7 +14,7 @@ from collections.abc import Mapping
 
 import anyio
 
-from aiobus import Bus, SimplePlugin, State
+from aiobus import Bus, Priority, SimplePlugin, State
 
 #: The message (one datagram) sent as the bus enters each state.
 STATE_MESSAGES = {
@@ -158,7 +158,7 @@ class SystemdNotifier(SimplePlugin):
     def subscribe(self) -> None:
         """Subscribe the listeners (the graceful ones at priorities 0 and 1000)."""
         super().subscribe()
-        self.bus.subscribe("graceful", self._reloaded, priority=1000)
+        self.bus.subscribe("graceful", self._reloaded, priority=Priority.GRACEFUL_SYSTEMD_READY)
 
     def unsubscribe(self) -> None:
         """Unsubscribe the listeners and close the socket."""
@@ -178,14 +178,14 @@ class SystemdNotifier(SimplePlugin):
     def start(self) -> None:
         self._check_interval()
 
-    start.priority = 0  # type: ignore[attr-defined]
+    start.priority = Priority.START_SYSTEMD  # type: ignore[attr-defined]
 
     def graceful(self) -> None:
         if self.address is not None and self.bus.state is State.STARTED:
             self._reloading = True
             self.notify(f"RELOADING=1\nMONOTONIC_USEC={_monotonic_usec()}\nSTATUS=Reloading")
 
-    graceful.priority = 0  # type: ignore[attr-defined]
+    graceful.priority = Priority.GRACEFUL_SYSTEMD_RELOADING  # type: ignore[attr-defined]
 
     def _reloaded(self) -> None:
         if self._reloading and self.bus.state is State.STARTED:
