@@ -40,6 +40,7 @@ from ._link import UndecodableFrame as UndecodableFrame
 from ._link import UndeliveredMessages as UndeliveredMessages
 from ._logging import configure_logging as configure_logging
 from ._logging import log_to_structlog as log_to_structlog
+from ._order import Priority as Priority
 from ._plugin import SimplePlugin as SimplePlugin
 from ._private import PrivateListener as PrivateListener
 from ._private import connect_private as connect_private
@@ -75,6 +76,7 @@ __all__ = [
     "LinkError",
     "LinkStatistics",
     "ParentLink",
+    "Priority",
     "PrivateListener",
     "Restart",
     "SimplePlugin",

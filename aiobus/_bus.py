@@ -14,7 +14,14 @@ from typing import Any, TypeVar, overload
 
 import anyio
 
-from ._channels import BUILTIN_CHANNELS, ChannelFailures, Channels, is_async_callable, resolve_priority
+from ._channels import (
+    BUILTIN_CHANNELS,
+    SYNC_CHANNELS,
+    ChannelFailures,
+    Channels,
+    is_async_callable,
+    resolve_priority,
+)
 from ._logging import log_to_structlog
 from ._reexec import reexec
 from ._state import State, StateError
@@ -49,6 +56,10 @@ class Bus:
     Use it as ``async with Bus() as bus:``. Entering opens the task group that owns
     every task of the bus and its plugins; leaving runs :meth:`exit` if it has not
     run and waits for those tasks, so that no task outlives the block.
+
+    Each change of :attr:`state` is logged and announced on the ``state`` channel, whose
+    (sync) listeners are called as ``listener(old, new)`` at the moment of the change:
+    plugins that follow the lifecycle listen there rather than read ``log`` lines.
 
     Transitions (start, stop, graceful, exit) run one at a time. A listener that asks
     for a transition of its own bus while one is running (say, a stop listener that
@@ -152,9 +163,12 @@ class Bus:
         Returns:
             The callback itself, so decorated names stay usable.
 
+        The ``log`` and ``state`` channels call their listeners synchronously, from
+        :meth:`log` and from each state change: only sync callbacks may subscribe to them.
+
         Raises:
-            TypeError: the callback is not callable, or is async on the ``log`` channel,
-                or the priority is not a number.
+            TypeError: the callback is not callable, or is async on the ``log`` or ``state``
+                channel, or the priority is not a number.
             ValueError: the priority is NaN.
         """
         if callback is None:
@@ -168,8 +182,10 @@ class Bus:
         if not callable(callback):
             raise TypeError(f"a listener must be callable, not {callback!r}")
         is_async = is_async_callable(callback)
-        if channel == "log" and is_async:
-            raise TypeError("the log channel calls its listeners synchronously: an async listener cannot subscribe")
+        if channel in SYNC_CHANNELS and is_async:
+            raise TypeError(
+                f"the {channel} channel calls its listeners synchronously: an async listener cannot subscribe"
+            )
         self._channels.subscribe(channel, callback, resolve_priority(callback, priority), is_async)
         return callback
 
@@ -179,7 +195,7 @@ class Bus:
 
     @property
     def channels(self) -> tuple[str, ...]:
-        """The names of the channels that exist: the six built-in ones, then those subscribed to."""
+        """The names of the channels that exist: the seven built-in ones, then those subscribed to."""
         return tuple(self._channels.as_mapping())
 
     @property
@@ -272,14 +288,37 @@ class Bus:
         return self._state
 
     def _set_state(self, state: State) -> None:
-        if self._state is State.EXITING:
-            return  # final: a start that outlived a forced exit does not undo it
+        """Enter ``state``: wake its waiters, log it, and call the ``state`` listeners.
+
+        The listeners are called here, synchronously, as ``listener(old, new)``: each sees
+        the change before anything else runs. One that raises is logged with its traceback
+        (and counted); the transition goes on regardless.
+        """
+        if self._state is State.EXITING or self._state is state:
+            return  # EXITING is final: a start that outlived a forced exit does not undo it
         previous, self._state = self._state, state
         for waiter in self._waiters:
             if state in waiter.states and waiter.reached is None:
                 waiter.reached = state
                 waiter.event.set()
         self.log(f"Bus {state.name}", state=state.name, previous=previous.name)
+        self._publishes["state"] = self._publishes.get("state", 0) + 1
+        for listener in self._channels.get("state") or ():
+            try:
+                result = listener.callback(previous, state)
+                if inspect.isawaitable(result):
+                    if inspect.iscoroutine(result):
+                        result.close()
+                    raise TypeError("a state listener returned an awaitable: state listeners must be sync")
+            except Exception:
+                self._failures["state"] = self._failures.get("state", 0) + 1
+                self.log(
+                    f"Listener {listener.name} of channel 'state' failed",
+                    logging.ERROR,
+                    traceback=True,
+                    channel="state",
+                    listener=listener.name,
+                )
 
     async def wait(self, *states: State, timeout: float | None = None) -> State:  # noqa: ASYNC109
         """Wait until the state is one of ``states``, and return the state reached.

@@ -14,7 +14,11 @@ from dataclasses import dataclass
 from typing import Any, Self
 
 DEFAULT_PRIORITY = 50
-BUILTIN_CHANNELS = ("start", "stop", "graceful", "exit", "main", "log")
+#: The channels every bus has. ``log`` and ``state`` call their listeners synchronously,
+#: as ``listener(msg, level, **fields)`` and ``listener(old, new)``; the others are published.
+BUILTIN_CHANNELS = ("start", "stop", "graceful", "exit", "main", "log", "state")
+#: The built-in channels whose listeners must be sync (an async one is refused at subscribe).
+SYNC_CHANNELS = ("log", "state")
 
 
 class ChannelFailures(ExceptionGroup[Exception]):

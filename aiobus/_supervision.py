@@ -21,12 +21,22 @@ Every exit is recorded (``last_exit``), logged and published on ``child_exit``:
 failures, stops, children stopped for a strategy, and starts that failed
 (``could not start: ...``). The exit of an incarnation that is no longer the
 current one (it ended as a strategy restarted it anyway) decides nothing.
+
+A stop tells the truth about every child, even when it is cut short. Stopping the
+children one after another takes the sum of their stop budgets; when the stop step's
+deadline (the bus's ``stop_timeout``) leaves less than that, they are stopped together,
+each within the time left. If the stop is cancelled all the same (its deadline reached,
+or ``force_exit``), every child not yet ended is told to stop within
+:data:`FORCED_BUDGET` (its stop signal, then a kill), and the stop waits until each
+exit has been recorded. A child still running when the bus's tasks end (its
+supervisor's stop never ran) is ended and recorded the same way by its watcher.
 """
 
 from __future__ import annotations
 
 import abc
 import enum
+import functools
 import logging
 import math
 import time
@@ -40,12 +50,22 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from ._bus import Bus
 from ._channels import ChannelFailures
+from ._order import Priority
 from ._plugin import SimplePlugin
 from ._state import State
 
 EX_SOFTWARE = 70
 #: The channel on which each child's exit is published, as a :class:`ChildExit`.
 CHILD_EXIT_CHANNEL = "child_exit"
+#: Seconds a child gets to end once its stop is cut short (the stop's deadline reached, a
+#: forced shutdown, or the bus's tasks ending while it runs): its stop signal, then a kill.
+FORCED_BUDGET = 1.0
+#: Seconds kept back from the time left before the stop's deadline when children are stopped
+#: together: what recording their exits takes.
+DEADLINE_MARGIN = 0.1
+#: Seconds a cut-short stop waits, beyond FORCED_BUDGET, for the children to end and their exits
+#: to be recorded; past it, the children still missing are logged as such.
+FORCED_WAIT = 5.0
 
 
 class Restart(enum.StrEnum):
@@ -250,10 +270,11 @@ class Supervisor(SimplePlugin):
         backoff: the delay before the first restart of a window, doubled for each
             further restart in it, up to ``max_backoff``.
 
-    Children start at the bus's start (priority 80: after ports are bound at 75 and
-    privileges dropped at 77), one after another, each once it is ready; if one
-    cannot start, the bus's start fails. They stop at the bus's stop (priority 20,
-    before most plugins close what the children may use), in reverse order.
+    Children start at the bus's start (``Priority.START_CHILDREN``, 80: after ports are
+    bound at 75 and privileges dropped at 77, before their users start at 85), one
+    after another, each once it is ready; if one cannot start, the bus's start fails.
+    They stop at the bus's stop (``Priority.STOP_CHILDREN``, 20: after their users
+    stopped at 10, before most plugins close what the children may use).
     """
 
     def __init__(
@@ -285,6 +306,7 @@ class Supervisor(SimplePlugin):
         self._exits: MemoryObjectSendStream[_Exit] | None = None
         self._incarnations: dict[int, int] = {}  # id(child) -> number of its current incarnation
         self._watches: dict[int, anyio.Event] = {}  # id(child) -> set once its exit is handed on
+        self._forcing = False  # a cut-short stop is ending the children: the stop in order goes no further
 
     # -- the group --------------------------------------------------------------------
 
@@ -318,6 +340,10 @@ class Supervisor(SimplePlugin):
     async def start(self) -> None:
         """Start every child in order, each once the one before is ready.
 
+        First, if the bus's ``stop_timeout`` is shorter than what stopping the children one
+        after another may take (the sum of their stop budgets), a warning says so, naming
+        them and their budgets: their stop will be cut short.
+
         Raises:
             Exception: a child could not start (those already started are stopped).
 
@@ -326,6 +352,8 @@ class Supervisor(SimplePlugin):
         """
         if self._scope is not None:
             return
+        self._check_budgets()
+        self._forcing = False
         self._restart_times.clear()
         send, receive = anyio.create_memory_object_stream[_Exit](math.inf)
         self._exits = send  # an exit before the supervisor runs waits there for it
@@ -343,21 +371,55 @@ class Supervisor(SimplePlugin):
         self._ended = anyio.Event()
         self.bus.start_soon(self._supervise, self._scope, send, receive, name="aiobus supervisor")
 
-    start.priority = 80  # type: ignore[attr-defined]
+    start.priority = Priority.START_CHILDREN  # type: ignore[attr-defined]
 
     async def stop(self) -> None:
-        """Stop every child in reverse order; no restart happens from here on.
+        """Stop every child; no restart happens from here on.
 
-        Cancelled: the children not stopped yet may stay running until the bus's tasks
-        end. Timeouts: each child's own stop timeouts.
+        In reverse start order, each within its own stop budget, when the time left before
+        the stop step's deadline (``anyio.current_effective_deadline()``: the bus's
+        ``stop_timeout``) allows for the sum of their budgets. Otherwise all together, each
+        within the time left less :data:`DEADLINE_MARGIN`, with a warning saying so.
+
+        Cancelled (the deadline reached all the same, or ``force_exit``): from then on
+        shielded, every child not yet ended gets ``terminate(FORCED_BUDGET)`` (its stop
+        signal, then a kill), all together, and the stop waits until each exit has been
+        recorded (logged and published on ``child_exit``), at most ``FORCED_BUDGET +
+        FORCED_WAIT`` seconds; then the cancellation goes on.
         """
-        if self._scope is not None:
-            self._scope.cancel()
-            await self._ended.wait()
-            self._scope = None
-        await self._terminate(reversed(self._children))
+        try:
+            async with anyio.create_task_group() as group:
+                try:
+                    await self._halt_supervision()
+                    children = [child for child in reversed(self._children) if self._running(child)]
+                    left = max(0.0, anyio.current_effective_deadline() - anyio.current_time())
+                    needed = sum(child.stop_budget for child in children)
+                    done = anyio.Event()
+                    if left < needed:
+                        budget = max(0.0, left - DEADLINE_MARGIN)
+                        self.bus.log(
+                            f"Stopping children {_names(children)} together, each within {budget:.2f} s: "
+                            f"{left:.2f} s are left before the stop's deadline, and stopping them one after "
+                            f"another may take {needed:g} s",
+                            logging.WARNING,
+                            children=[child.name for child in children],
+                            budget=budget,
+                            needed=needed,
+                        )
+                        group.start_soon(self._stop_together, children, budget, done)
+                    else:
+                        group.start_soon(self._stop_in_order, children, done)
+                    await done.wait()
+                except anyio.get_cancelled_exc_class():
+                    with anyio.CancelScope(shield=True):
+                        await self._stop_forced()
+                    raise
+        finally:
+            for child in self._children:
+                if child.state is not ChildState.FAILED and not self._running(child):
+                    child.state = ChildState.STOPPED
 
-    stop.priority = 20  # type: ignore[attr-defined]
+    stop.priority = Priority.STOP_CHILDREN  # type: ignore[attr-defined]
 
     async def graceful(self) -> None:
         """Pass graceful on to every running child.
@@ -367,6 +429,25 @@ class Supervisor(SimplePlugin):
         for child in self._children:
             if child.state is ChildState.RUNNING:
                 await child.graceful()
+
+    def _check_budgets(self) -> None:
+        """Warn if the bus's stop_timeout is shorter than stopping the children one after another may take."""
+        timeout = self.bus.stop_timeout
+        budgets = {child.name: child.stop_budget for child in self._children}
+        needed = sum(budgets.values())
+        if timeout is None or timeout >= needed:
+            return
+        each = ", ".join(f"{name} {budget:g} s" for name, budget in budgets.items())
+        self.bus.log(
+            f"The bus's stop_timeout ({timeout:g} s) is shorter than the stop budgets of children {each} "
+            f"({needed:g} s one after another): their stop will be cut short, and a child still "
+            f"running at the deadline killed",
+            logging.WARNING,
+            children=list(budgets),
+            budgets=budgets,
+            budget=needed,
+            stop_timeout=timeout,
+        )
 
     # -- running children -------------------------------------------------------------
 
@@ -392,21 +473,55 @@ class Supervisor(SimplePlugin):
         self.bus.start_soon(self._watch, child, incarnation, watched, name=f"aiobus watch {child.name}")
 
     async def _watch(self, child: Child, incarnation: int, watched: anyio.Event) -> None:
-        """Wait for the incarnation to end and hand its exit to the supervisor (or record it, if none runs)."""
+        """Wait for the incarnation to end and hand its exit to the supervisor (or record it, if none runs).
+
+        Cancelled (the bus's tasks are ending while the child runs: its supervisor's stop
+        never ran, or was cut short): shielded, the child gets ``terminate(FORCED_BUDGET)``
+        and its exit is handed on all the same; then the cancellation goes on.
+        """
         try:
-            exit = await child.wait()
+            try:
+                exit = await child.wait()
+            except anyio.get_cancelled_exc_class():
+                with anyio.CancelScope(shield=True):
+                    exit = await self._end_abandoned(child)
+                    await self._hand_on(child, incarnation, exit)
+                raise
             with anyio.CancelScope(shield=True):
-                if self._exits is not None:
-                    self._exits.send_nowait((child, incarnation, exit))  # an unbounded buffer: never blocks
-                else:
-                    await self._record(child, exit)
+                await self._hand_on(child, incarnation, exit)
         finally:
             watched.set()
+
+    async def _end_abandoned(self, child: Child) -> ChildExit:
+        """End a child whose watcher is cancelled, and say how it ended (the caller shields it)."""
+        self.bus.log(
+            f"Child {child.name} still running as the bus's tasks end: "
+            f"asking it to stop within {FORCED_BUDGET:g} s, then killing it",
+            logging.WARNING,
+            child=child.name,
+            budget=FORCED_BUDGET,
+        )
+        child.state = ChildState.STOPPING
+        await child.terminate(FORCED_BUDGET)
+        exit = await child.wait()
+        if child.state is not ChildState.FAILED:
+            child.state = ChildState.STOPPED
+        return exit
+
+    async def _hand_on(self, child: Child, incarnation: int, exit: ChildExit) -> None:
+        """Give ``exit`` to the supervisor's loop, or record it here if the loop has ended."""
+        if self._exits is not None:
+            self._exits.send_nowait((child, incarnation, exit))  # an unbounded buffer: never blocks
+        else:
+            await self._record(child, exit)
 
     async def _record(
         self, child: Child, exit: ChildExit, message: str | None = None, level: int | None = None
     ) -> None:
-        """Keep ``exit`` as the child's last, log it and publish it on ``child_exit``."""
+        """Keep ``exit`` as the child's last, log it and publish it on ``child_exit``.
+
+        Shielded: once begun, a record is completed whatever is cancelled meanwhile.
+        """
         child.last_exit = exit
         if level is None:
             level = logging.WARNING if exit.failed else logging.INFO
@@ -420,25 +535,88 @@ class Supervisor(SimplePlugin):
             reason=exit.reason,
             expected=exit.expected,
         )
-        try:
-            await self.bus.publish(CHILD_EXIT_CHANNEL, exit)
-        except ChannelFailures:
-            pass  # publish logged each failing listener; supervision goes on
+        with anyio.CancelScope(shield=True):
+            try:
+                await self.bus.publish(CHILD_EXIT_CHANNEL, exit)
+            except ChannelFailures:
+                pass  # publish logged each failing listener; supervision goes on
 
-    async def _stop_child(self, child: Child) -> None:
-        """Terminate ``child`` and wait until its exit has been handed on."""
+    def _running(self, child: Child) -> bool:
+        """Whether an incarnation of ``child`` may be running (its exit not handed on yet)."""
+        if child.state not in (ChildState.RUNNING, ChildState.STARTING, ChildState.STOPPING):
+            return False
+        watched = self._watches.get(id(child))
+        return watched is None or not watched.is_set()
+
+    async def _stop_child(self, child: Child, budget: float | None = None, *, shield: bool = True) -> None:
+        """Terminate ``child`` within ``budget`` (its own if None) and wait until its exit has been handed on.
+
+        The terminate call is shielded unless ``shield`` is False; the wait is not.
+        """
         child.state = ChildState.STOPPING
-        await child.terminate()
+        with anyio.CancelScope(shield=shield):
+            await child.terminate(budget)
         watched = self._watches.get(id(child))
         if watched is not None:
             await watched.wait()
 
     async def _terminate(self, children: Iterable[Child]) -> None:
+        """Stop ``children`` one after another, each within its own budget; none once a forced stop began."""
         for child in children:
+            if self._forcing:
+                return
             if child.state in (ChildState.RUNNING, ChildState.STARTING, ChildState.STOPPING):
                 await self._stop_child(child)
             if child.state is not ChildState.FAILED:
                 child.state = ChildState.STOPPED
+
+    async def _halt_supervision(self) -> None:
+        """End the supervisor's loop (no restart from here on): from then on, exits are recorded by their watchers."""
+        if self._scope is not None:
+            self._scope.cancel()
+            await self._ended.wait()
+            self._scope = None
+
+    async def _stop_in_order(self, children: list[Child], done: anyio.Event) -> None:
+        try:
+            await self._terminate(children)
+        finally:
+            done.set()
+
+    async def _stop_together(self, children: list[Child], budget: float, done: anyio.Event) -> None:
+        try:
+            async with anyio.create_task_group() as group:
+                for child in children:
+                    group.start_soon(self._stop_child, child, budget)
+        finally:
+            done.set()
+
+    async def _stop_forced(self) -> None:
+        """End every child still running within FORCED_BUDGET, all together, and wait for their exits to be
+        recorded, at most FORCED_BUDGET + FORCED_WAIT seconds (the caller shields it)."""
+        self._forcing = True
+        pending = [child for child in reversed(self._children) if self._running(child)]
+        if pending:
+            self.bus.log(
+                f"Stop cut short: children {_names(pending)} asked to stop within {FORCED_BUDGET:g} s, then killed",
+                logging.WARNING,
+                children=[child.name for child in pending],
+                budget=FORCED_BUDGET,
+            )
+        with anyio.move_on_after(FORCED_BUDGET + FORCED_WAIT):
+            await self._ended.wait()  # the loop's last exits recorded: from here on, each watcher records its own
+            self._scope = None
+            async with anyio.create_task_group() as group:
+                for child in pending:
+                    group.start_soon(functools.partial(self._stop_child, child, FORCED_BUDGET, shield=False))
+        missing = [child.name for child in pending if self._running(child)]
+        if missing:
+            self.bus.log(
+                f"Children {', '.join(missing)} not known to have ended {FORCED_BUDGET + FORCED_WAIT:g} s "
+                f"after the stop was cut short",
+                logging.ERROR,
+                children=missing,
+            )
 
     async def _supervise(
         self, scope: anyio.CancelScope, send: MemoryObjectSendStream[_Exit], exits: MemoryObjectReceiveStream[_Exit]
@@ -533,6 +711,10 @@ class Supervisor(SimplePlugin):
         )
         self.bus.exit_code = EX_SOFTWARE
         self.bus.start_soon(self.bus.exit)
+
+
+def _names(children: Iterable[Child]) -> str:
+    return ", ".join(child.name for child in children)
 
 
 _DEFAULTS: weakref.WeakKeyDictionary[Bus, Supervisor] = weakref.WeakKeyDictionary()

@@ -60,3 +60,12 @@ def test_plugins_all_lists_exactly_the_plugins() -> None:
         if not name.startswith("_") and isinstance(value, type) and value.__module__.startswith("aiobus.plugins.")
     }
     assert sorted(public) == sorted(aiobus.plugins.__all__)
+
+
+def test_priority_names_plain_numbers_a_listener_can_take() -> None:
+    """aiobus.Priority's constants are ints, accepted as priorities by subscribe."""
+    constants = {name: value for name, value in vars(aiobus.Priority).items() if name.isupper()}
+    assert constants and all(type(value) is int for value in constants.values())
+    bus = aiobus.Bus()
+    bus.subscribe("start", print, priority=aiobus.Priority.START_BIND)
+    assert bus.listeners["start"] == (print,)

@@ -16,14 +16,14 @@ from aiobus import Bus, ChannelFailures
 
 class TestSubscribe:
     def test_builtin_channels_exist_from_the_start(self) -> None:
-        """The six built-in channels exist before anything subscribes."""
+        """The seven built-in channels exist before anything subscribes."""
         bus = Bus()
-        assert set(bus.listeners) == {"start", "stop", "graceful", "exit", "main", "log"}
+        assert set(bus.listeners) == {"start", "stop", "graceful", "exit", "main", "log", "state"}
 
     def test_channels_lists_the_builtin_ones_then_the_subscribed_ones(self) -> None:
-        """bus.channels names the six built-in channels, then each channel created by a subscription."""
+        """bus.channels names the seven built-in channels, then each channel created by a subscription."""
         bus = Bus()
-        builtin = ["start", "stop", "graceful", "exit", "main", "log"]
+        builtin = ["start", "stop", "graceful", "exit", "main", "log", "state"]
         assert list(bus.channels) == builtin
         bus.subscribe("orders", print)
         assert list(bus.channels) == [*builtin, "orders"]

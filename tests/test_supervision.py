@@ -5,6 +5,7 @@ The children are real programs (small Python scripts run by the Subprocess plugi
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import signal
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.abc
 import child_functions
 import pytest
 from helpers import LogRecorder
@@ -25,6 +27,8 @@ from processes import alive
 from aiobus import Bus, ChildBroker, State, log_to_structlog
 from aiobus._supervision import (
     CHILD_EXIT_CHANNEL,
+    FORCED_BUDGET,
+    Child,
     ChildExit,
     ChildState,
     Restart,
@@ -329,3 +333,199 @@ class TestGroup:
         async with group(where, ("r", "sleep", "permanent")) as (_, supervisor, _):
             with pytest.raises(RuntimeError, match="stop the bus first"):
                 supervisor.remove(supervisor["r"])
+
+
+# argv: MARKER. Notes each SIGTERM in MARKER, and lingers on (only SIGKILL ends it); prints "ready" once trapping.
+TRAPPER = """
+import signal, sys, time
+def note(*_):
+    with open(sys.argv[1], "a") as file:
+        file.write("SIGTERM\\n")
+signal.signal(signal.SIGTERM, note)
+print("ready", flush=True)
+while True:
+    time.sleep(3600)
+"""
+
+
+class Trapper(Child):
+    """A real program that notes each SIGTERM in ``DIR/NAME.term`` and only ends when killed.
+
+    Its terminate(budget) is the protocol's: SIGTERM, then SIGKILL once min(budget, grace) has
+    passed; a call while another is under way shortens the time left; the exit's reason says which.
+    """
+
+    kind = "program"
+
+    def __init__(self, bus: Bus, name: str, where: Path, grace: float = 5.0) -> None:
+        super().__init__(name)
+        self.bus = bus
+        self.marker = where / f"{name}.term"
+        self.grace = grace
+        #: The budget of each terminate call, in order.
+        self.budgets: list[float | None] = []
+        self._process: anyio.abc.Process | None = None
+        self._stopping: anyio.CancelScope | None = None
+        self._asked_at: float | None = None
+        self._killed_after: float | None = None
+
+    @property
+    def pid(self) -> int | None:
+        process = self._process
+        return None if process is None or process.returncode is not None else process.pid
+
+    @property
+    def stop_budget(self) -> float:
+        return self.grace
+
+    async def spawn(self) -> None:
+        self._stopping = self._asked_at = self._killed_after = None
+        process = await anyio.open_process(
+            [sys.executable, "-c", TRAPPER, str(self.marker)], stdin=subprocess.DEVNULL, stderr=None
+        )
+        try:
+            assert process.stdout is not None
+            seen = b""
+            with anyio.fail_after(WAIT):
+                while b"ready" not in seen:
+                    seen += await process.stdout.receive()
+        except BaseException:
+            process.kill()
+            with anyio.CancelScope(shield=True):
+                await process.aclose()
+            raise
+        self._process = process
+
+    async def wait(self) -> ChildExit:
+        process = self._process
+        assert process is not None
+        code = await process.wait()
+        with anyio.CancelScope(shield=True):
+            await process.aclose()
+        sig = signal.Signals(-code).name if code < 0 else None
+        if self._killed_after is not None:
+            reason = f"killed with SIGKILL {self._killed_after:.2f} s after SIGTERM (budgets {self.budgets})"
+        elif self._asked_at is not None:
+            reason = "ended after SIGTERM"
+        else:
+            reason = f"ended on its own with {sig or code}"
+        asked = self._asked_at is not None
+        return ChildExit(self.name, process.pid, None if sig else code, sig, reason, expected=asked)
+
+    async def terminate(self, budget: float | None = None) -> None:
+        process = self._process
+        if process is None or process.returncode is not None:
+            return
+        self.budgets.append(budget)
+        deadline = anyio.current_time() + (self.grace if budget is None else min(budget, self.grace))
+        if self._stopping is not None:  # a call under way: shorten it
+            self._stopping.deadline = min(self._stopping.deadline, deadline)
+            await process.wait()
+            return
+        self._asked_at = anyio.current_time()
+        process.send_signal(signal.SIGTERM)
+        self.bus.log(f"Sent SIGTERM to {self.name}")
+        with anyio.CancelScope(deadline=deadline) as self._stopping:
+            await process.wait()
+        if process.returncode is None:
+            self._killed_after = anyio.current_time() - self._asked_at
+            process.kill()
+            await process.wait()
+
+
+@asynccontextmanager
+async def trappers(where: Path, names: str, **bus_options: Any) -> AsyncIterator[tuple[Bus, Watcher, list[Trapper]]]:
+    """A started bus whose supervisor runs a Trapper (5 s grace) per name; the pids are checked gone at the end."""
+    async with Bus(**bus_options) as bus:
+        watcher = Watcher(bus)
+        supervisor = Supervisor(bus)
+        supervisor.subscribe()
+        children = [Trapper(bus, name, where) for name in names]
+        for child in children:
+            supervisor.add(child)
+        await bus.start()
+        pids = [child.pid or 0 for child in children]
+        yield bus, watcher, children
+    assert not alive(pids)
+
+
+class TestCutShortStops:
+    """A stop cut short by stop_timeout or force_exit still asks every child to stop, and records every exit."""
+
+    def assert_truths(self, where: Path, watcher: Watcher, children: list[Trapper]) -> None:
+        """Every child got SIGTERM, ended, and had its exit recorded on child_exit and logged."""
+        names = sorted(child.name for child in children)
+        assert [(child.marker.read_text()) for child in children] == ["SIGTERM\n"] * len(children)
+        assert sorted(exit.name for _, exit in watcher.exits) == names
+        assert all(exit.expected and exit.signal == "SIGKILL" for _, exit in watcher.exits)
+        assert sorted(r.fields["child"] for r in watcher.log.matching(" ended: killed with SIGKILL")) == names
+        assert all(child.state is ChildState.STOPPED and child.last_exit is not None for child in children)
+
+    async def test_start_warns_when_stop_timeout_is_shorter_than_the_budgets(self, where: Path) -> None:
+        """At start, a stop_timeout shorter than the children's budgets one after another is a warning naming them."""
+        async with trappers(where, "ab", stop_timeout=6) as (bus, watcher, _):
+            [warning] = watcher.log.matching("stop_timeout")
+            await bus.exit()
+        assert warning.level == logging.WARNING
+        assert (warning.fields["children"], warning.fields["budget"], warning.fields["stop_timeout"]) == (
+            ["a", "b"],
+            10.0,
+            6,
+        )
+        assert "a 5 s, b 5 s" in warning.msg
+
+    async def test_no_warning_when_the_budgets_fit(self, where: Path) -> None:
+        """No warning when stop_timeout leaves room for every budget, or is not set."""
+        async with trappers(where, "a", stop_timeout=30) as (_, watcher, _):
+            pass
+        async with trappers(where, "b") as (_, other, _):
+            pass
+        assert not watcher.log.matching("stop_timeout") and not other.log.matching("stop_timeout")
+
+    async def test_stop_timeout_shorter_than_the_budgets_stops_children_together(self, where: Path) -> None:
+        """stop_timeout=1 and 5 s budgets: all get SIGTERM at once, are killed within the second, and are recorded."""
+        async with trappers(where, "abc", stop_timeout=1) as (bus, watcher, children):
+            began = time.monotonic()
+            await bus.exit()
+            took = time.monotonic() - began
+        assert took < WAIT / 2
+        [together] = watcher.log.matching("together")
+        assert together.level == logging.WARNING and together.fields["children"] == ["c", "b", "a"]
+        assert all(len(child.budgets) >= 1 and (child.budgets[0] or 0) < 1 for child in children)
+        self.assert_truths(where, watcher, children)
+
+    async def test_force_exit_during_the_stop_still_asks_and_records_every_child(self, where: Path) -> None:
+        """A force_exit while the last child stops: the others get SIGTERM too, all are killed within FORCED_BUDGET."""
+        async with trappers(where, "abc") as (bus, watcher, children):
+            async with anyio.create_task_group() as group:
+                group.start_soon(bus.exit)
+                await watcher.log.wait_for("Sent SIGTERM to c", WAIT)
+                began = time.monotonic()
+                bus.force_exit(130)
+            took = time.monotonic() - began
+        assert bus.exit_code == 130
+        assert took < WAIT / 2  # in order, the last two would have taken 10 s more
+        [forced] = watcher.log.matching("Stop cut short")
+        assert forced.fields["children"] == ["c", "b", "a"]
+        assert [child.budgets for child in children] == [[FORCED_BUDGET], [FORCED_BUDGET], [None, FORCED_BUDGET]]
+        self.assert_truths(where, watcher, children)
+
+    async def test_children_whose_stop_never_ran_are_asked_and_recorded_as_the_tasks_end(self, where: Path) -> None:
+        """A stop listener hanging before the children's turn: as the bus's tasks end, each child still gets
+        SIGTERM, is killed within FORCED_BUDGET, and its exit is recorded."""
+
+        async def hangs() -> None:
+            await anyio.sleep_forever()
+
+        async with trappers(where, "ab", stop_timeout=0.5) as (bus, watcher, children):
+            bus.subscribe("stop", hangs, priority=10)
+            began = time.monotonic()
+        took = time.monotonic() - began
+        assert bus.exit_code == 70
+        assert took < WAIT / 2
+        assert sorted(r.fields["child"] for r in watcher.log.matching("still running as the bus's tasks end")) == [
+            "a",
+            "b",
+        ]
+        assert [child.budgets for child in children] == [[FORCED_BUDGET], [FORCED_BUDGET]]
+        self.assert_truths(where, watcher, children)

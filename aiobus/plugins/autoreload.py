@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from aiobus import Bus, SimplePlugin
+from aiobus import Bus, Priority, SimplePlugin
 
 if TYPE_CHECKING:
     from watchfiles import Change
@@ -96,9 +96,12 @@ class Autoreloader(SimplePlugin):
     The restart runs stop and exit as usual, then ``bus.block()`` re-executes the
     process.
 
-    Channels: ``start`` (priority 70) starts watching in a task of the bus, and
-    logs ``Autoreloader watching`` once the watch is set up (within about a second);
-    ``stop`` (priority 30) stops watching and returns when the task has ended. A
+    Channels: ``start`` (``Priority.START_AUTORELOAD``, 70: before the children start
+    at 80, so that a file saved while they start is seen) starts watching in a task of
+    the bus, and logs ``Autoreloader watching`` once the watch is set up (within about
+    a second); ``stop`` (``Priority.STOP_AUTORELOAD``, 10: before the children stop at
+    20, so that a file saved while they stop does not turn a shutdown into a restart)
+    stops watching and returns when the task has ended. A
     failure of the watch other than a vanished directory (which only makes it scan
     again) fails the task: the bus logs it and exits with code 70.
 
@@ -165,7 +168,7 @@ class Autoreloader(SimplePlugin):
             self._run = run
             self.bus.start_soon(self._task, run, name="autoreloader")
 
-    start.priority = 70  # type: ignore[attr-defined]
+    start.priority = Priority.START_AUTORELOAD  # type: ignore[attr-defined]
 
     async def stop(self) -> None:
         """Stop watching and wait until the task has ended (watchfiles' thread within a tenth of a second).
@@ -183,7 +186,7 @@ class Autoreloader(SimplePlugin):
         if self._run is run:
             self._run = None
 
-    stop.priority = 30  # type: ignore[attr-defined]
+    stop.priority = Priority.STOP_AUTORELOAD  # type: ignore[attr-defined]
 
     def unsubscribe(self) -> None:
         """Unsubscribe from the bus and stop watching, without waiting for the task to end."""

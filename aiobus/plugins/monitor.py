@@ -18,7 +18,7 @@ from typing import Any
 
 import anyio
 
-from aiobus import Bus, SimplePlugin
+from aiobus import Bus, Priority, SimplePlugin
 
 
 @dataclass(frozen=True)
@@ -69,12 +69,14 @@ class Monitor(SimplePlugin):
     monitor goes on with the next call. The callback may stop, exit or restart the
     bus: its own monitor then stops without waiting for the call to return.
 
-    Channels: ``start`` (priority 70, after the default-priority plugins it may rely
-    on) runs the monitor as a task of the bus; ``stop`` (priority 30, before them)
-    cancels that task at once and returns when it has ended: an async callback in
-    progress is cancelled at its next checkpoint, a sync one cannot be interrupted and
-    ends first. ``graceful`` restarts a running monitor: its schedule starts over from
-    the graceful.
+    Channels: ``start`` (``Priority.START_CHILD_USERS``, 85: after the children have
+    started at 80 and after the default-priority plugins it may rely on) runs the
+    monitor as a task of the bus; ``stop`` (``Priority.STOP_CHILD_USERS``, 10: before
+    the children stop at 20, and before those plugins) cancels that task at once and
+    returns when it has ended: an async callback in progress is cancelled at its next
+    checkpoint, a sync one cannot be interrupted and ends first. So a callback that
+    uses a child never meets it starting, stopping or gone. ``graceful`` restarts a
+    running monitor: its schedule starts over from the graceful.
 
     Args:
         bus: the bus to attach to.
@@ -118,7 +120,7 @@ class Monitor(SimplePlugin):
         if self._run is None or self._run.scope.cancel_called:
             self._launch()
 
-    start.priority = 70  # type: ignore[attr-defined]
+    start.priority = Priority.START_CHILD_USERS  # type: ignore[attr-defined]
 
     async def stop(self) -> None:
         """Cancel the monitor's task and wait until it has ended.
@@ -128,7 +130,7 @@ class Monitor(SimplePlugin):
         """
         await self._halt()
 
-    stop.priority = 30  # type: ignore[attr-defined]
+    stop.priority = Priority.STOP_CHILD_USERS  # type: ignore[attr-defined]
 
     async def graceful(self) -> None:
         """Restart a running monitor (its schedule starts over); a stopped one stays stopped.

@@ -20,7 +20,7 @@ from typing import Any
 
 import anyio
 
-from aiobus import Bus, SimplePlugin
+from aiobus import Bus, Priority, SimplePlugin
 
 _MODE = 0o644
 # How long a start waits for a file that is locked but names no live pid: the
@@ -190,7 +190,7 @@ class PIDFile(SimplePlugin):
                 await anyio.sleep(_SETTLE_STEP)
                 waited += _SETTLE_STEP
 
-    start.priority = 70  # type: ignore[attr-defined]
+    start.priority = Priority.START_PIDFILE  # type: ignore[attr-defined]
 
     def _check_folder(self) -> None:
         """Warn if anyone may replace the file: a folder writable by all, without the sticky bit."""

@@ -1,6 +1,7 @@
 """DropPrivileges: at start, switch to another user and group, and set the umask.
 
-It runs at start priority 77, after the servers have bound their ports (75), so
+It runs at start priority 77 (``Priority.START_DROP_PRIVILEGES``), after the servers
+have bound their ports (75, ``Priority.START_BIND``) and before the children start (80), so
 that a service started as root can listen on port 80 and then run as ``nobody``.
 """
 
@@ -14,7 +15,7 @@ import pwd
 from dataclasses import dataclass
 from typing import Any
 
-from aiobus import Bus, SimplePlugin, end_idle_workers
+from aiobus import Bus, Priority, SimplePlugin, end_idle_workers
 
 _CAP_SETGID = 6
 _CAP_SETUID = 7
@@ -219,7 +220,7 @@ class DropPrivileges(SimplePlugin):
         after = _Identity.now()
         self.bus.log(f"Privileges after the drop: {after.describe()}", **after.fields())
 
-    start.priority = 77  # type: ignore[attr-defined]
+    start.priority = Priority.START_DROP_PRIVILEGES  # type: ignore[attr-defined]
 
     def _check_allowed(self, before: _Identity, change_groups: bool, change_uid: bool) -> None:
         """Raise PermissionError, before any change, if a change needed is not allowed."""

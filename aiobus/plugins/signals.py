@@ -12,7 +12,7 @@ from typing import Any
 
 import anyio
 
-from aiobus import Bus, State
+from aiobus import Bus, Priority, State
 
 Handler = str | Callable[..., Any]
 SignalSpec = str | int | signal.Signals
@@ -107,7 +107,7 @@ class SignalHandler:
 
     def subscribe(self) -> None:
         """Start receiving the signals now if the bus has been entered, else at its start."""
-        self.bus.subscribe("start", self._start_receiving, priority=0)
+        self.bus.subscribe("start", self._start_receiving, priority=Priority.START_SIGNALS)
         try:
             self._start_receiving()
         except RuntimeError:

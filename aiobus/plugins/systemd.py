@@ -11,11 +11,10 @@ import os
 import socket
 import time
 from collections.abc import Mapping
-from typing import Any
 
 import anyio
 
-from aiobus import Bus, SimplePlugin, State
+from aiobus import Bus, Priority, SimplePlugin, State
 
 #: The message (one datagram) sent as the bus enters each state.
 STATE_MESSAGES = {
@@ -81,7 +80,7 @@ class SystemdNotifier(SimplePlugin):
 
     Each state change sends one datagram with ``STATUS=`` (Starting, Running,
     Stopping, Stopped, Exiting); STARTED's also has ``READY=1``, STOPPING's
-    ``STOPPING=1``. The states are seen on the ``log`` channel, on which the bus
+    ``STOPPING=1``. The states are seen on the ``state`` channel, on which the bus
     announces each change as it happens: ``READY=1`` therefore goes out once every
     start listener has run. ``graceful`` on a STARTED bus sends ``RELOADING=1`` with
     ``MONOTONIC_USEC=`` and ``STATUS=Reloading`` first (priority 0), and ``READY=1``
@@ -118,7 +117,6 @@ class SystemdNotifier(SimplePlugin):
         self.watchdog = watchdog_period(env) if self.address else None
         self._check_interval()
         self._socket: socket.socket | None = None
-        self._seen: State | None = None
         self._last_ping = -float("inf")
         self._failing = False
         self._reloading = False
@@ -143,7 +141,7 @@ class SystemdNotifier(SimplePlugin):
             self._socket.sendto(message.encode(), self.address)
         except OSError as exc:
             if not self._failing:
-                self._failing = True  # set first: the log listener below may send again
+                self._failing = True  # warn once until a send succeeds again
                 where = "@" + self.address[1:] if self.address.startswith("\0") else self.address
                 self.bus.log(f"Could not notify systemd: {exc}", logging.WARNING, notify_socket=where, message=message)
             return False
@@ -159,9 +157,8 @@ class SystemdNotifier(SimplePlugin):
 
     def subscribe(self) -> None:
         """Subscribe the listeners (the graceful ones at priorities 0 and 1000)."""
-        self._seen = self.bus.state
         super().subscribe()
-        self.bus.subscribe("graceful", self._reloaded, priority=1000)
+        self.bus.subscribe("graceful", self._reloaded, priority=Priority.GRACEFUL_SYSTEMD_READY)
 
     def unsubscribe(self) -> None:
         """Unsubscribe the listeners and close the socket."""
@@ -169,27 +166,26 @@ class SystemdNotifier(SimplePlugin):
         self.bus.unsubscribe("graceful", self._reloaded)
         self._close()
 
-    def log(self, msg: str, level: int = logging.INFO, **fields: Any) -> None:
-        state = self.bus.state
-        if state is self._seen or self.address is None:
+    def state(self, old: State, new: State) -> None:
+        """Send the message of the state the bus has just entered (a listener of ``state``)."""
+        if self.address is None:
             return
-        self._seen = state
-        if state is State.STOPPING and self.bus.restart_requested:
+        if new is State.STOPPING and self.bus.restart_requested:
             self.notify(f"RELOADING=1\nMONOTONIC_USEC={_monotonic_usec()}\nSTATUS=Restarting")
             return
-        self.notify(STATE_MESSAGES[state])
+        self.notify(STATE_MESSAGES[new])
 
     def start(self) -> None:
         self._check_interval()
 
-    start.priority = 0  # type: ignore[attr-defined]
+    start.priority = Priority.START_SYSTEMD  # type: ignore[attr-defined]
 
     def graceful(self) -> None:
         if self.address is not None and self.bus.state is State.STARTED:
             self._reloading = True
             self.notify(f"RELOADING=1\nMONOTONIC_USEC={_monotonic_usec()}\nSTATUS=Reloading")
 
-    graceful.priority = 0  # type: ignore[attr-defined]
+    graceful.priority = Priority.GRACEFUL_SYSTEMD_RELOADING  # type: ignore[attr-defined]
 
     def _reloaded(self) -> None:
         if self._reloading and self.bus.state is State.STARTED:

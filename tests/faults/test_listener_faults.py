@@ -143,12 +143,12 @@ class TestStartListenerRaises:
             monitor.subscribe()
             PIDFile(bus, pidfile).subscribe()
 
-            @bus.subscribe("start", priority=75)
+            @bus.subscribe("start", priority=90)  # after every built-in plugin (the Monitor starts at 85)
             def refusing_start() -> None:
                 assert pidfile.exists() and monitor.statistics().running  # the others did start
                 raise error
 
-            bus.subscribe("start", lambda: calls.append("start after the failure"), priority=90)
+            bus.subscribe("start", lambda: calls.append("start after the failure"), priority=95)
             bus.subscribe("stop", lambda: calls.append("stop"))
             bus.subscribe("exit", lambda: calls.append("exit"))
             with pytest.raises(ChannelFailures) as caught:

@@ -18,7 +18,7 @@ import pytest
 from helpers import LogRecorder
 from processes import Spawner
 
-from aiobus import Bus, State
+from aiobus import Bus, Priority, State, Supervisor
 from aiobus.plugins import Monitor
 
 WAIT = 10  # seconds: a generous bound on waits that normally take a fraction of a second
@@ -84,15 +84,21 @@ class TestConstruction:
         assert Monitor(Bus(), functools.partial(check_disk, "/"), 1).name.endswith("check_disk")
         assert Monitor(Bus(), lambda: None, 1, name="disk").name == "disk"
 
-    def test_subscribe_uses_start_70_and_stop_30(self) -> None:
-        """subscribe() puts start after and stop before the default-priority listeners."""
+    def test_subscribe_starts_after_the_children_and_stops_before_them(self) -> None:
+        """subscribe() puts start after the children's (and the defaults), and stop before them."""
         bus = Bus()
         monitor = Monitor(bus, lambda: None, 1)
+        supervisor = Supervisor(bus)
         bus.subscribe("start", lambda: None)
         bus.subscribe("stop", lambda: None)
         monitor.subscribe()
-        assert bus.listeners["start"][-1] == monitor.start
-        assert bus.listeners["stop"][0] == monitor.stop
+        supervisor.subscribe()
+        assert bus.listeners["start"][-2:] == (supervisor.start, monitor.start)
+        assert bus.listeners["stop"][:2] == (monitor.stop, supervisor.stop)
+        assert (monitor.start.priority, monitor.stop.priority) == (  # type: ignore[attr-defined]
+            Priority.START_CHILD_USERS,
+            Priority.STOP_CHILD_USERS,
+        )
 
 
 class TestRunning:

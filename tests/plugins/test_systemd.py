@@ -21,7 +21,7 @@ from helpers import LogRecorder, wait_for_ticks
 from processes import Spawner
 from trio.testing import MockClock
 
-from aiobus import Bus, ChannelFailures
+from aiobus import Bus, ChannelFailures, log_to_structlog
 from aiobus.plugins import SystemdNotifier
 from aiobus.plugins.systemd import parse_notify_socket, watchdog_period
 
@@ -235,6 +235,29 @@ class TestMessages:
         stand_in.drain()
         lines = stand_in.lines()
         assert lines.index("STATUS=last start listener") < lines.index("READY=1")
+
+    async def test_states_are_followed_on_the_state_channel_not_in_log_lines(
+        self, systemd: tuple[StandIn, str]
+    ) -> None:
+        """The notifier listens on ``state``, not ``log``: each change sends its message once, in order."""
+        stand_in, notify_socket = systemd
+        async with Bus() as bus:
+            notifier = SystemdNotifier(bus, environ={"NOTIFY_SOCKET": notify_socket})
+            notifier.subscribe()
+            assert notifier.state in bus.listeners["state"]
+            assert bus.listeners["log"] == (log_to_structlog,)
+            await bus.start()
+            bus.log("a log line is not a state change")
+            await bus.stop()
+            stand_in.drain()
+        stand_in.drain()
+        assert [d.splitlines()[-1] for d in stand_in.datagrams] == [
+            "STATUS=Starting",
+            "STATUS=Running",
+            "STATUS=Stopping",
+            "STATUS=Stopped",
+            "STATUS=Exiting",
+        ]
 
     async def test_graceful_listeners_run_between_reloading_and_ready(self, systemd: tuple[StandIn, str]) -> None:
         """RELOADING=1 (with the monotonic clock in microseconds) precedes the graceful listeners, READY=1 follows."""
