@@ -125,10 +125,12 @@ async def cycles(count: int, folder: Path, temp_dir: Path, tasks: Callable[[], s
     assert tempfile.gettempdir() == str(temp_dir)  # where each child's private rendezvous is made
     warnings = Warnings()
     ticks = 0
+    ticked = anyio.Event()
 
     def tick() -> None:
         nonlocal ticks
         ticks += 1
+        ticked.set()
 
     pidfile = folder / "cycles.pid"
     async with Bus(main_interval=0.05, stop_timeout=30) as bus:
@@ -149,6 +151,8 @@ async def cycles(count: int, folder: Path, temp_dir: Path, tasks: Callable[[], s
             with anyio.fail_after(30):
                 await broker.send(("cycle", cycle))
                 assert await broker.receive() == ("echo", ("cycle", cycle))
+                await ticked.wait()  # the Monitor starts after the child: it runs in every cycle
+            ticked = anyio.Event()
             pids.add(broker.pid)
             await bus.stop()
             assert state_of(bus) is State.STOPPED and broker.pid is None
