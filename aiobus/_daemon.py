@@ -63,17 +63,18 @@ class Daemon:
     def subscribe(self, bus: Bus) -> None:
         """Report automatically from ``bus``: started once it is STARTED, failed if it exits before.
 
-        It listens on ``bus``'s ``log`` channel, on which the bus announces each state
-        change as it happens: "started" therefore goes out once every start listener
-        has run. A failure report carries the errors the bus logged before it reached
-        EXITING (a failing start listener's message and traceback). Subscribe before
-        ``bus.start()``; on a bus already STARTED it reports at once.
+        It follows ``bus``'s ``state`` channel: "started" goes out once the bus is
+        STARTED, after every start listener has run. A failure report carries the errors
+        the bus logged (its ``log`` channel) before it reached EXITING (a failing start
+        listener's message and traceback). Subscribe before ``bus.start()``; on a bus
+        already STARTED it reports at once.
         """
         if bus in self._buses:
             return
         reporter = _BusReporter(self, bus)
         self._buses[bus] = reporter
         bus.subscribe("log", reporter)
+        bus.subscribe("state", reporter.state)
         reporter.check()
 
     def unsubscribe(self, bus: Bus) -> None:
@@ -81,6 +82,7 @@ class Daemon:
         reporter = self._buses.pop(bus, None)
         if reporter is not None:
             bus.unsubscribe("log", reporter)
+            bus.unsubscribe("state", reporter.state)
 
     def _send(self, message: dict[str, Any], close: bool = True) -> None:
         fd = self._fd
@@ -98,7 +100,8 @@ class Daemon:
 
 
 class _BusReporter:
-    """A ``log`` listener that reports the bus's start, or the errors that prevented it."""
+    """Reports the bus's start (a ``state`` listener), or the errors that prevented it (kept
+    by its ``log`` listener)."""
 
     def __init__(self, daemon: Daemon, bus: Bus) -> None:
         self.daemon = daemon
@@ -111,6 +114,8 @@ class _BusReporter:
         if level >= logging.ERROR:
             trace = fields.get("traceback")
             self.errors.append(f"{msg}\n{trace.rstrip()}" if isinstance(trace, str) else msg)
+
+    def state(self, old: State, new: State) -> None:
         self.check()
 
     def check(self) -> None:

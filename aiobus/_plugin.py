@@ -13,7 +13,7 @@ class SimplePlugin:
     """Subclass it and define methods named after channels (``start``, ``stop``, ``main``...).
 
     :meth:`subscribe` subscribes each such method to its channel, with the method's
-    ``priority`` attribute if it has one. Channels beyond the six built-in ones are
+    ``priority`` attribute if it has one. Channels beyond the seven built-in ones are
     declared in the class attribute ``channels``.
     """
 
