@@ -75,7 +75,7 @@ class TestCutShortShutdown:
         service.assert_nothing_left()
 
     def test_every_program_gets_its_stop_signal_and_every_fate_is_logged(self, spawn: Spawner) -> None:
-        """SIGTERM: each program got SIGTERM before its kill, each end is logged with its real reason, nothing is left."""
+        """SIGTERM: each program got SIGTERM before its kill, each end is logged with its real reason."""
         service = start(spawn)
         service.send(signal.SIGTERM)
         code = service.wait(WAIT)
