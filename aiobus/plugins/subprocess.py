@@ -407,7 +407,13 @@ class Subprocess(Child):
             await process.wait()
 
     async def _follow(self, run: _Run) -> None:
-        """Read the output and wait for the end of one incarnation; kill it if cancelled."""
+        """Read the output and wait for the end of one incarnation.
+
+        Cancelled (the bus's tasks ending while the program runs), shielded: the program gets
+        its stop signal at once, then ends by a :meth:`terminate` under way (the supervisor's
+        forced stop gives it a short budget) or by the launcher's ``kill_after``; if nothing
+        ends it even then, it is killed.
+        """
         process = run.process
         try:
             async with anyio.create_task_group() as group:
@@ -418,8 +424,12 @@ class Subprocess(Child):
                 group.cancel_scope.deadline = anyio.current_time() + OUTPUT_DRAIN
         finally:
             with anyio.CancelScope(shield=True):
-                if process.returncode is None:  # cancelled without a stop: leave nothing behind
-                    await self._kill(run, "the bus's tasks ended before it was stopped")
+                if process.returncode is None:  # cancelled: leave nothing behind, but ask first
+                    await self._send_stop(run)
+                    with anyio.move_on_after(self.kill_after + STOP_MARGIN):
+                        await process.wait()
+                    if process.returncode is None:
+                        await self._kill(run, "the bus's tasks ended before it was stopped")
                 await process.aclose()
             run.exit = self._exit_of(run, anyio.current_time())
             run.ended.set()
