@@ -7,6 +7,7 @@ a worker inherits from the test process when it is started (see each function).
 
 from __future__ import annotations
 
+import gc
 import os
 import subprocess
 import time
@@ -18,7 +19,7 @@ import structlog
 from helpers import LogRecord, LogRecorder
 from processes import alive, descendants
 
-from aiobus import Bus, ParentLink
+from aiobus import Bus, Link, ParentLink
 
 #: The environment variable naming a file whose existence makes :func:`crashes_if_flagged` exit at once.
 CRASH_FLAG = "AIOBUS_TEST_CRASH_FLAG"
@@ -50,6 +51,28 @@ async def answers(bus: Bus, link: ParentLink) -> None:
     """Say which process runs this incarnation, then answer every message."""
     await link.send(("pid", os.getpid()))
     await _answer(link)
+
+
+def refuse_to_load() -> None:
+    """What a :class:`Unloadable` calls as it is unpickled."""
+    raise ValueError("this object refuses to be unpickled")
+
+
+class Unloadable:
+    """Pickles fine, and fails to unpickle anywhere."""
+
+    def __reduce__(self) -> tuple[Callable[[], None], tuple[()]]:
+        return refuse_to_load, ()
+
+
+async def sends_bad_control_messages(bus: Bus, link: ParentLink) -> None:
+    """Find this child's control link (as a buggy or hostile child could) and send it a message of
+    an unknown kind and one that does not unpickle; then answer messages."""
+    [control] = [obj for obj in gc.get_objects() if isinstance(obj, Link) and obj.name == "control"]
+    await control.send(("garbage", 1))
+    await control.send(Unloadable())
+    await control.drain()
+    await answers(bus, link)
 
 
 async def runs_echo_subprocess(bus: Bus, link: ParentLink) -> None:

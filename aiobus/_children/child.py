@@ -37,7 +37,7 @@ from anyio.abc import ObjectReceiveStream, UNIXSocketStream
 from .._bus import Bus
 from .._link import EndOfLink, Link, UndecodableFrame
 from .._state import State
-from .messages import BEAT, ChildSpec, Done, EndOfInput, Graceful, Ready, Stop, encode_log
+from .messages import BEAT, ChildSpec, Done, EndOfInput, Graceful, Ready, Stop, encode_log, receive_control
 
 EXIT_FAILED = 1
 
@@ -233,14 +233,18 @@ async def _cancel_when_exiting(bus: Bus, scope: anyio.CancelScope) -> None:
 
 
 async def _read_control(control: Link, bus: Bus, stop_requested: anyio.Event) -> None:
+    def log(text: str) -> None:
+        bus.log(f"From the parent: {text}", logging.WARNING)
+
     try:
-        async for message in control:
+        while True:
+            message = await receive_control(control, log)
             if isinstance(message, Stop):
                 stop_requested.set()
             elif isinstance(message, Graceful):
                 await bus.graceful()
             else:
-                bus.log(f"Unknown control message from the parent dropped: {message!r}", logging.WARNING)
+                log(f"an unexpected control message was dropped: {message!r}")
     except (anyio.EndOfStream, anyio.BrokenResourceError):
         pass
     stop_requested.set()  # the parent is gone: nobody will say stop

@@ -32,7 +32,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .._link import LinkOptions
+from .._link import Link, LinkOptions, UndecodableFrame
 
 
 @dataclass(frozen=True)
@@ -63,6 +63,21 @@ class EndOfInput:
 
 
 ControlMessage = Ready | Done | Stop | Graceful
+
+
+async def receive_control(control: Link, log: Callable[[str], None]) -> object:
+    """The next message on a control link; one that does not unpickle is passed to ``log``
+    and dropped, never fatal (what is not one of the classes above is the caller's to drop).
+
+    Raises:
+        anyio.EndOfStream, anyio.BrokenResourceError: as :meth:`Link.receive`.
+    """
+    while True:
+        try:
+            return await control.receive()
+        except UndecodableFrame as error:
+            log(f"a control message that does not unpickle was dropped: {error}")
+
 
 #: A heartbeat on the wire: the count of messages the child is done with.
 BEAT = struct.Struct("<Q")

@@ -36,7 +36,18 @@ from .._bus import Bus
 from .._link import EndOfLink, Link, LinkOptions, Skipped, UndecodableFrame, UndeliveredMessages, check_link_options
 from .._supervision import Child, ChildExit, ChildState, Restart, Supervisor
 from .child import ParentLink, run_child
-from .messages import BEAT, MAX_LOG_LINE, ChildSpec, Done, EndOfInput, Graceful, Ready, Stop, decode_log
+from .messages import (
+    BEAT,
+    MAX_LOG_LINE,
+    ChildSpec,
+    Done,
+    EndOfInput,
+    Graceful,
+    Ready,
+    Stop,
+    decode_log,
+    receive_control,
+)
 from .output import forward_lines
 from .workers import Worker, WorkerError, run_in_worker, start_worker
 
@@ -470,7 +481,7 @@ class _Incarnation:
 
     async def _serve(self, control: Link, data: Link, beats: HeartbeatReader) -> None:
         try:
-            while not isinstance(message := await control.receive(), Ready):
+            while not isinstance(message := await receive_control(control, self._dropped), Ready):
                 self._on_control(message)
         except (anyio.EndOfStream, anyio.BrokenResourceError):
             await self._run_done.wait()  # the worker has ended: why, run_sync may say
@@ -488,8 +499,8 @@ class _Incarnation:
                 helpers.start_soon(self._relay, data, relayed)
                 helpers.start_soon(self._watch_heartbeats, beats)
                 try:
-                    async for message in control:
-                        self._on_control(message)
+                    while True:
+                        self._on_control(await receive_control(control, self._dropped))
                 except (anyio.EndOfStream, anyio.BrokenResourceError):
                     pass
                 self._take_heartbeats(beats)  # the child's last word on what it is done with
@@ -521,12 +532,10 @@ class _Incarnation:
         if isinstance(message, Done):
             self.acknowledged = max(self.acknowledged, message.acknowledged)
         else:
-            self.bus.log(
-                f"Child {self.child.name}: unexpected control message dropped: {message!r}",
-                logging.WARNING,
-                child=self.child.name,
-                child_pid=self.pid,
-            )
+            self._dropped(f"an unexpected control message was dropped: {message!r}")
+
+    def _dropped(self, text: str) -> None:
+        self.bus.log(f"Child {self.child.name}: {text}", logging.WARNING, child=self.child.name, child_pid=self.pid)
 
     # -- what the child says besides messages -----------------------------------------
 

@@ -198,6 +198,31 @@ class TestHostileNeighbour:
         }
 
 
+# -- control messages a child should not send -------------------------------------------
+
+
+class TestBadControlMessages:
+    async def test_unknown_and_undecodable_control_messages_are_logged_and_dropped(self, records: Records) -> None:
+        """A control message of an unknown kind and one that does not unpickle are each logged; the child runs on."""
+        exits: list[ChildExit] = []
+        async with Bus() as bus:
+            bus.subscribe("log", records)
+            bus.subscribe(CHILD_EXIT_CHANNEL, exits.append)
+            broker = ChildBroker(bus, "unruly", hostile_functions.sends_bad_control_messages)
+            broker.subscribe()
+            await bus.start()
+            with anyio.fail_after(STEP):
+                _, pid = await broker.receive()
+                await records.wait_until(lambda r: "does not unpickle was dropped" in r.msg, STEP)
+                await broker.send("still there?")
+                answer = await broker.receive()
+            assert (broker.pid, broker.restarts, exits) == (pid, 0, [])
+        assert answer == ("answer", "still there?", pid)
+        [unknown] = [r for r in records.records if "an unexpected control message was dropped" in r.msg]
+        assert "('garbage', 1)" in unknown.msg and unknown.level == logging.WARNING
+        assert unknown.fields["child"] == "unruly"
+
+
 # -- fields named as the parent's own ---------------------------------------------------
 
 
