@@ -254,3 +254,36 @@ def reset_peak_rss() -> bool:
     except OSError:
         return False
     return True
+
+
+async def blocks_its_loop_at_once(bus: Bus, link: ParentLink) -> None:
+    """Block the event loop for 5 s as soon as the function runs (before any await)."""
+    time.sleep(5)  # noqa: ASYNC251 - the point: a loop blocked from the start
+    await _answer(link)
+
+
+async def ignores_everything(bus: Bus, link: ParentLink) -> None:
+    """Say its pid, then block the loop for good: neither the stop nor SIGTERM can end it."""
+    await link.send(("pid", os.getpid()))
+    await link.drain()
+    while True:
+        time.sleep(0.05)  # noqa: ASYNC251
+
+
+async def starts_an_escaping_subprocess(bus: Bus, link: ParentLink) -> None:
+    """Start ``setsid sleep 300`` (a new session: out of the worker's process group, holding its
+    stdout and stderr), report its pid, then answer messages."""
+    escaped = subprocess.Popen(["setsid", "sleep", "300"])  # noqa: ASYNC220 - a start, nothing awaited
+    await link.send(("escaped", escaped.pid))
+    await _answer(link)
+
+
+#: How many messages :func:`sends_and_returns` sends, and their size.
+SENT_AT_STOP = 10
+SENT_AT_STOP_BYTES = 200_000
+
+
+async def sends_and_returns(bus: Bus, link: ParentLink) -> None:
+    """Send SENT_AT_STOP messages of SENT_AT_STOP_BYTES each, then return."""
+    for number in range(SENT_AT_STOP):
+        await link.send((number, b"z" * SENT_AT_STOP_BYTES))

@@ -16,6 +16,7 @@ import sys
 from typing import BinaryIO
 
 _PR_SET_DUMPABLE = 4
+_PR_SET_CHILD_SUBREAPER = 36
 
 
 class _Replies:
@@ -37,19 +38,22 @@ class _Requests:
         self.buffer = reader
 
 
-def _not_dumpable() -> None:
+def _harden() -> None:
     """Make this process non-dumpable (Linux): no process of another user, nor of the one it
     runs as, unless privileged, may ptrace it, list or open ``/proc/<pid>/fd``, or take a
     copy of its descriptors with ``pidfd_getfd``. (A subprocess it runs is dumpable again
-    after its exec, and holds none of the sockets.)"""
+    after its exec, and holds none of the sockets.) Make it a child subreaper: descendants
+    whose parent dies are reparented to it, so that the child can end all it started."""
     if sys.platform == "linux":
         import ctypes
 
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0)
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0)
+        libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)  # what the child starts stays below it
 
 
 def main(args: list[str]) -> None:
-    _not_dumpable()
+    _harden()
     fds = [int(arg) for arg in args]
     for fd in fds:
         os.set_inheritable(fd, False)

@@ -73,6 +73,13 @@ class ParentLink(ObjectReceiveStream[Any]):
         """
         await self._link.send(obj)
 
+    async def drain(self) -> None:
+        """Wait until everything sent so far has been handed to the OS (see :meth:`aiobus.Link.drain`).
+
+        Useful before work that blocks the event loop: what was sent reaches the parent meanwhile.
+        """
+        await self._link.drain()
+
     async def receive(self) -> Any:
         """The next message from the parent; the messages taken before count as done with.
 
@@ -123,7 +130,10 @@ def run_child(spec: ChildSpec) -> NoReturn:
         raise RuntimeError(f"child {spec.name!r} must run in worker {spec.worker_pid}, not in {os.getpid()}")
     _die_with_parent(spec.parent_pid)
     _take_standard_streams()
-    code = anyio.run(_child_main, spec)
+    try:
+        code = anyio.run(_child_main, spec)
+    finally:
+        _kill_descendants()
     raise SystemExit(code)
 
 
@@ -150,6 +160,39 @@ def _watch_parent(parent_pid: int) -> None:
     os.killpg(os.getpgid(0), signal.SIGKILL)  # the worker leads a group of its own
 
 
+def _kill_descendants() -> None:
+    """SIGKILL every process descended from this one that is still running: the worker is a
+    child subreaper (see ``_boot``), so even those that left its process group, or whose parent
+    died, are below it. After the child's end, nothing it started outlives it."""
+    me = os.getpid()
+    while True:
+        parents: dict[int, int] = {}
+        for entry in os.listdir("/proc") if os.path.isdir("/proc") else ():
+            if entry.isdigit():
+                try:
+                    with open(f"/proc/{entry}/stat", "rb") as file:
+                        parents[int(entry)] = int(file.read().rsplit(b")", 1)[1].split()[1])
+                except (OSError, ValueError, IndexError):
+                    continue  # it ended meanwhile
+        below: set[int] = set()
+        frontier = {me}
+        while frontier:
+            frontier = {pid for pid, parent in parents.items() if parent in frontier} - below
+            below |= frontier
+        if not below:
+            return
+        for pid in below:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        for _ in below:  # reap our own children; the others' parents (killed too) reparent them to us
+            try:
+                os.waitpid(-1, 0)
+            except ChildProcessError:
+                break
+
+
 def _take_standard_streams() -> None:
     """``sys.stdout`` and ``sys.stderr`` write to descriptors 1 and 2 (the parent reads them),
     a line at a time; anyio's worker had pointed them at ``/dev/null``."""
@@ -164,17 +207,19 @@ async def _child_main(spec: ChildSpec) -> int:
     control = Link(await UNIXSocketStream.from_socket(fds.control), name="control")
     data = Link(await UNIXSocketStream.from_socket(fds.data), **spec.link_options)
     beats = socket.socket(fileno=fds.beats)
-    _send_logs_to(socket.socket(fileno=fds.logs))
-    with beats:
+    logs = socket.socket(fileno=fds.logs)
+    _send_logs_to(logs)
+    with beats, logs:
         async with control, data:
             async with Bus(main_interval=spec.main_interval) as bus:
                 stop_requested = anyio.Event()
                 link = ParentLink(data)
                 bus.subscribe("main", Heartbeat(beats, link))
-                bus.start_soon(_read_control, control, bus, stop_requested)
+                bus.start_soon(_read_control, control, bus, stop_requested, spec.parent_pid)
                 bus.start_soon(_exit_on_sigterm, bus)
                 await bus.start()
                 await control.send(Ready())
+                await control.drain()  # written before the function runs: it may block the loop at once
                 code = await _run_user(spec.fn, bus, link, stop_requested)
                 await bus.exit()
             await control.send(Done(link.acknowledged))
@@ -232,7 +277,7 @@ async def _cancel_when_exiting(bus: Bus, scope: anyio.CancelScope) -> None:
     scope.cancel()
 
 
-async def _read_control(control: Link, bus: Bus, stop_requested: anyio.Event) -> None:
+async def _read_control(control: Link, bus: Bus, stop_requested: anyio.Event, parent_pid: int) -> None:
     def log(text: str) -> None:
         bus.log(f"From the parent: {text}", logging.WARNING)
 
@@ -247,8 +292,26 @@ async def _read_control(control: Link, bus: Bus, stop_requested: anyio.Event) ->
                 log(f"an unexpected control message was dropped: {message!r}")
     except (anyio.EndOfStream, anyio.BrokenResourceError):
         pass
-    stop_requested.set()  # the parent is gone: nobody will say stop
+    if await anyio.to_thread.run_sync(_parent_died, parent_pid, 1.0):
+        os.killpg(os.getpgid(0), signal.SIGKILL)  # as the watch thread would: the group goes with it
+    stop_requested.set()  # the parent is gone, or said nothing more: nobody will say stop
     await bus.exit()
+
+
+def _parent_died(parent_pid: int, seconds: float) -> bool:
+    """Whether the parent has died, or does within ``seconds`` (its sockets close before it is
+    gone): the end of the control link alone does not tell."""
+    try:
+        fd = os.pidfd_open(parent_pid)
+    except ProcessLookupError:
+        return True
+    except (AttributeError, OSError):
+        return os.getppid() != parent_pid
+    try:
+        readable, _, _ = select.select([fd], [], [], seconds)
+        return bool(readable)
+    finally:
+        os.close(fd)
 
 
 async def _exit_on_sigterm(bus: Bus) -> None:

@@ -58,6 +58,8 @@ HANG_TIMEOUT = 300.0
 INBOX_BYTES = 16 * 2**20
 #: What each message counts in the inbox besides its pickled size (the objects it unpickles to).
 MESSAGE_OVERHEAD = 64
+#: While a child stops or ends, its inbox takes in up to this many times its bound.
+DRAIN_FACTOR = 4
 #: Seconds to read what is left of a worker's output once it has ended.
 OUTPUT_DRAIN = 5.0
 #: Lines of a worker's stderr kept to explain a failure to start.
@@ -85,9 +87,12 @@ class _Inbox:
     async def wait(self) -> None:
         await self._changed.wait()
 
-    async def put(self, item: Any, size: int) -> None:
-        while self.items and self.bytes >= self.size:  # one message always fits
-            await self.wait()
+    @property
+    def full(self) -> bool:
+        """Whether the next message must wait (one message always fits in an empty inbox)."""
+        return bool(self.items) and self.bytes >= self.size
+
+    def put(self, item: Any, size: int) -> None:
         cost = size + MESSAGE_OVERHEAD
         self.items.append((item, cost))
         self.bytes += cost
@@ -174,7 +179,12 @@ class ChildBroker(Child, ObjectReceiveStream[Any]):
         self._inbox = _Inbox(inbox_bytes)  # first: the base class sets the state, which wakes readers
         super().__init__(name, restart)
         _check_function(fn)
-        for label, value in (("grace", grace), ("term_grace", term_grace), ("start_timeout", start_timeout)):
+        for label, value in (
+            ("grace", grace),
+            ("term_grace", term_grace),
+            ("start_timeout", start_timeout),
+            ("send_timeout", send_timeout),
+        ):
             _check_seconds(label, value, zero=True)
         if hang_timeout is not None:
             _check_seconds("hang_timeout", hang_timeout, zero=False)
@@ -310,18 +320,15 @@ class ChildBroker(Child, ObjectReceiveStream[Any]):
         try:
             with anyio.move_on_after(self.start_timeout) as scope:
                 await incarnation.ready.wait()
+            if scope.cancelled_caught:
+                incarnation.failure = TimeoutError(f"child {self.name!r} was not ready within {self.start_timeout:g} s")
+            if incarnation.failure is not None:
+                raise incarnation.failure
         except BaseException:
             with anyio.CancelScope(shield=True):
                 incarnation.kill()
                 await incarnation.ended.wait()
             raise
-        if scope.cancelled_caught:
-            incarnation.failure = TimeoutError(f"child {self.name!r} was not ready within {self.start_timeout:g} s")
-        if incarnation.failure is not None:
-            with anyio.CancelScope(shield=True):
-                incarnation.kill()
-                await incarnation.ended.wait()
-            raise incarnation.failure
 
     async def wait(self) -> ChildExit:
         assert self._incarnation is not None
@@ -380,6 +387,9 @@ class _Incarnation:
         self._scope = anyio.CancelScope()
         self._ran: BaseException | None = None  # how run_sync ended, if it raised
         self._run_done = anyio.Event()
+        self._worker_gone = anyio.Event()  # the worker process has ended, or never was (set with ended at the latest)
+        self._draining = False  # the child is stopping or ending: see _drain
+        self._relayed_all = False  # the relay read the data link to its end
         self._last_lines: deque[str] = deque(maxlen=LAST_LINES)  # of its stderr, for a failure to start
         self._stop_limit = math.inf  # when a stop must be over (a budget shortens it)
         self._stop_changed = anyio.Event()
@@ -396,7 +406,8 @@ class _Incarnation:
                 await self._run_and_forward(worker)
         except Exception as error:
             if not self.ready.is_set():
-                self.failure = self._explained(_leaf(error))
+                if self.failure is None:  # spawn's own (a start timeout) says more
+                    self.failure = self._explained(_leaf(error))
             else:
                 self.bus.log(f"Child {self.child.name}: {error!r}", logging.ERROR, child=self.child.name)
         finally:
@@ -477,6 +488,7 @@ class _Incarnation:
             worker.signal(signal.SIGKILL)
         finally:
             await worker.process.wait()
+            self._worker_gone.set()
             self._run_done.set()
 
     async def _serve(self, control: Link, data: Link, beats: HeartbeatReader) -> None:
@@ -505,11 +517,22 @@ class _Incarnation:
                     pass
                 self._take_heartbeats(beats)  # the child's last word on what it is done with
                 # The child is ending: no message goes to it any more (send waits for the
-                # next incarnation); what it sent before is still on its way.
+                # next incarnation); what it sent before is still on its way, taken in past
+                # the inbox's bound (see _relay).
                 self.child._set_data(None)
+                self._drain()
                 with anyio.move_on_after(self.child.grace):
                     await relayed.wait()
                 helpers.cancel_scope.cancel()
+            if not self._relayed_all:
+                self.bus.log(
+                    f"Child {self.child.name} ended with messages to the parent still unread: the parent did "
+                    f"not read them ({self.child._inbox.bytes} bytes wait in its inbox); what the child held "
+                    "back then is lost",
+                    logging.WARNING,
+                    child=self.child.name,
+                    child_pid=self.pid,
+                )
         finally:
             self.child._set_data(None)
 
@@ -522,11 +545,21 @@ class _Incarnation:
                     # That message only: logged, and raised in its turn by ChildBroker.receive.
                     self.bus.log(f"Child {self.child.name}: {error}", logging.ERROR, child=self.child.name)
                     message = Skipped(error)
-                await self.child._inbox.put(message, data.last_size)
+                inbox = self.child._inbox
+                while inbox.full and not (self._draining and inbox.bytes < inbox.size * DRAIN_FACTOR):
+                    await inbox.wait()
+                inbox.put(message, data.last_size)
         except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
-            pass
+            self._relayed_all = True  # up to the link's end: nothing the child sent is left unread
         finally:
             done.set()
+
+    def _drain(self) -> None:
+        """The child is stopping or ending: take in what it sends past the inbox's bound (up to
+        DRAIN_FACTOR times it), so that a parent that reads nothing holds up neither the child's
+        end nor its stop, and what it sent arrives."""
+        self._draining = True
+        self.child._inbox.notify()
 
     def _on_control(self, message: object) -> None:
         if isinstance(message, Done):
@@ -599,6 +632,7 @@ class _Incarnation:
 
         Never waits on the links: the end of input is queued without waiting, the stop
         message within the grace period. A second call while one runs shortens the time left.
+        Cancelled: the child is killed at once, and waited for, so that no stop is left half done.
         """
         now = anyio.current_time()
         if budget is not None:
@@ -608,15 +642,28 @@ class _Incarnation:
             await self.ended.wait()
             return
         self.stopping = True
-        start = now
+        try:
+            await self._stop(now)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                if not self._exited:
+                    self.killed_by = (
+                        f"SIGKILL {anyio.current_time() - now:.1f} s after the stop: the stop was cancelled"
+                    )
+                    self.kill()
+                await self.ended.wait()
+            raise
+
+    async def _stop(self, start: float) -> None:
         self.child._set_data(None)  # sends wait for a next incarnation (or time out)
+        self._drain()
         if self.data is not None:
             try:
                 self.data.finish(EndOfInput())
             except (anyio.ClosedResourceError, anyio.BrokenResourceError):
                 pass
         grace, term_grace = self.child.grace, self.child.term_grace
-        with anyio.move_on_after(grace):
+        with anyio.move_on_after(self._share(start, grace)):
             await self.send_control(Stop())
         escalation = (
             (signal.SIGTERM, grace, "", "after the stop"),
@@ -639,7 +686,7 @@ class _Incarnation:
                 self.kill()
             else:
                 self._signal(sig)
-        await self.ended.wait()
+        await self._worker_gone.wait()
 
     def _share(self, start: float, seconds: float) -> float:
         """``seconds`` of the stop's own timetable, shrunk to fit a budget if one was given."""
@@ -653,10 +700,15 @@ class _Incarnation:
         own = self.child.grace + self.child.term_grace
         return "" if self._stop_limit - start >= own else ": the shutdown was cut short"
 
+    @property
+    def _exited(self) -> bool:
+        """Whether the worker process has ended (its output may still be read)."""
+        return self._worker_gone.is_set()
+
     async def _ended_by(self, start: float, due: float) -> bool:
-        """Wait until the incarnation has ended (True) or ``due`` seconds of the stop's timetable
-        have passed (False); a budget given meanwhile shrinks the timetable."""
-        while not self.ended.is_set():
+        """Wait until the worker process has ended (True) or ``due`` seconds of the stop's
+        timetable have passed (False); a budget given meanwhile shrinks the timetable."""
+        while not self._exited:
             self._stop_changed = anyio.Event()
             when = start + self._share(start, due)
             with anyio.move_on_at(when):
@@ -666,9 +718,9 @@ class _Incarnation:
                         await event.wait()
                         race.cancel_scope.cancel()
 
-                    race.start_soon(end_race, self.ended)
+                    race.start_soon(end_race, self._worker_gone)
                     race.start_soon(end_race, self._stop_changed)
-            if anyio.current_time() >= start + self._share(start, due) and not self.ended.is_set():
+            if anyio.current_time() >= start + self._share(start, due) and not self._exited:
                 return False
         return True
 
@@ -677,7 +729,7 @@ class _Incarnation:
             self._scope.cancel()  # no worker yet: cancelling the start is enough
 
     def _signal(self, sig: signal.Signals) -> bool:
-        if self.worker is None or self.ended.is_set():
+        if self.worker is None or self._exited:
             return False
         self.worker.signal(sig)
         return True
@@ -704,6 +756,7 @@ class _Incarnation:
         self.exit = ChildExit(self.child.name, self.pid, code, sig, reason, expected=self.stopping, lost=lost)
         self.child._pid = None
         self.child._set_data(None)
+        self._worker_gone.set()
         self.ended.set()
         self.ready.set()
 

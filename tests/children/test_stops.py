@@ -10,10 +10,13 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import anyio
+import anyio.lowlevel
 import hostile_functions
 import pytest
 from hostile_functions import CRASH_FLAG, Records, is_worker
@@ -208,3 +211,112 @@ class TestBlockingWork:
         assert (True, True) == ("hang_timeout" in hung.msg, "anyio.to_thread" in hung.msg)
         assert (pid, "SIGKILL") == (exits[0].pid, exits[0].signal)
         assert exits[0].reason.startswith("hung")
+
+
+class TestStopsFoundInReview:
+    async def test_a_cancelled_terminate_kills_the_child_and_the_bus_still_stops(self) -> None:
+        """A terminate() cut short by its caller kills the child at once; a later stop of the bus returns."""
+        async with Bus() as bus:
+            broker = ChildBroker(bus, "deaf", hostile_functions.ignores_everything, grace=30, term_grace=30)
+            broker.subscribe()
+            await bus.start()
+            with anyio.fail_after(STEP):
+                _, pid = await broker.receive()
+            with anyio.move_on_after(0.3):
+                await broker.terminate()
+            assert not alive([pid])
+            with anyio.fail_after(STEP):
+                await bus.stop()
+        assert broker.last_exit is not None and "the stop was cancelled" in broker.last_exit.reason
+
+    async def test_a_subprocess_out_of_the_group_neither_delays_the_stop_nor_survives_it(self) -> None:
+        """A setsid'd subprocess holding the child's stdout does not hold up the stop, and is gone after it."""
+        async with Bus() as bus:
+            broker = ChildBroker(bus, "escaper", hostile_functions.starts_an_escaping_subprocess, grace=10)
+            broker.subscribe()
+            await bus.start()
+            with anyio.fail_after(STEP):
+                _, escaped = await broker.receive()
+            assert alive([escaped])
+            with anyio.fail_after(9):  # well within grace: the child itself ends at once
+                await bus.stop()
+        assert broker.last_exit is not None and broker.last_exit.reason == "exited"
+        assert not alive([escaped])
+
+    async def test_a_function_blocking_its_loop_at_once_still_starts(self) -> None:
+        """A function that blocks the child's loop at once still lets the child say Ready: no timeout, it starts."""
+        async with Bus() as bus:
+            broker = ChildBroker(bus, "blocker", hostile_functions.blocks_its_loop_at_once, start_timeout=3)
+            broker.subscribe()
+            with anyio.fail_after(STEP):
+                await bus.start()
+            assert broker.state.value == "running"
+
+    async def test_messages_a_child_sent_before_its_stop_all_arrive(self) -> None:
+        """Messages sent and not read before the stop (past the inbox's bound, within its drain) still arrive."""
+        async with Bus() as bus:
+            broker = ChildBroker(
+                bus, "sender", hostile_functions.sends_and_returns, inbox_bytes=1_000_000, restart="temporary"
+            )
+            broker.subscribe()
+            await bus.start()
+            await anyio.lowlevel.checkpoint()
+            with anyio.fail_after(STEP):
+                await bus.stop()
+            received = [await broker.receive() for _ in range(hostile_functions.SENT_AT_STOP)]
+        assert [number for number, _ in received] == list(range(hostile_functions.SENT_AT_STOP))
+        assert all(len(blob) == hostile_functions.SENT_AT_STOP_BYTES for _, blob in received)
+
+
+#: A service with a broker whose subprocesses (in its process group) would outlive a SIGKILLed parent.
+PARENT_SERVICE = """
+import subprocess
+import anyio
+from aiobus import Bus, ChildBroker
+
+
+async def broker(bus, link):
+    kids = [subprocess.Popen(["sleep", "1000"]), subprocess.Popen(["sh", "-c", "sleep 1001 & sleep 1002"])]
+    await link.send([kid.pid for kid in kids])
+    async for _ in link:
+        pass
+
+
+async def main():
+    async with Bus() as bus:
+        child = ChildBroker(bus, "broker", broker)
+        child.subscribe()
+        await bus.start()
+        print("pids", child.pid, *await child.receive(), flush=True)
+        await bus.block()
+
+
+if __name__ == "__main__":
+    anyio.run(main)
+"""
+
+
+class TestParentKilled:
+    @pytest.mark.parametrize("attempt", range(5))
+    def test_a_sigkilled_parent_leaves_no_worker_nor_subprocess(self, tmp_path: Path, attempt: int) -> None:
+        """kill -9 of the parent: the worker and the subprocesses of its group are all gone within 5 s."""
+        script = tmp_path / "service.py"
+        script.write_text(PARENT_SERVICE)
+        with subprocess.Popen(
+            [sys.executable, str(script)], stdout=subprocess.PIPE, text=True, cwd=tmp_path
+        ) as service:
+            try:
+                assert service.stdout is not None
+                line = ""
+                while not line.startswith("pids "):  # after the bus's own log lines
+                    line = service.stdout.readline()
+                    assert line, "the service ended before it printed its pids"
+                pids = [int(pid) for pid in line.split()[1:]]
+                before = set(descendants(service.pid))
+                assert alive(pids) == pids
+            finally:
+                service.kill()
+        deadline = time.monotonic() + 5
+        while alive(sorted(before)) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert alive(sorted(before)) == []
