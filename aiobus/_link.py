@@ -563,6 +563,11 @@ class Link:
                 self._signal_progress()
                 await anyio.aclose_forcefully(self._stream)
 
+    @property
+    def ready(self) -> int:
+        """How many messages have arrived that :meth:`receive` returns without waiting."""
+        return len(self._messages)
+
     def statistics(self) -> LinkStatistics:
         """Counters of what went through the link (see :class:`LinkStatistics`)."""
         return LinkStatistics(

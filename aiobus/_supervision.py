@@ -39,6 +39,7 @@ import enum
 import functools
 import logging
 import math
+import os
 import time
 import weakref
 from collections import deque
@@ -150,6 +151,9 @@ class Child(abc.ABC):
     bus: Bus
     #: The group it joins on :meth:`subscribe`; the bus's default group if None.
     supervisor: Supervisor | None = None
+    #: Children of a group next to each other with the same ``batch`` (not None: say, the
+    #: workers of one pool) start together and stop together, as one step of the order.
+    batch: object | None = None
 
     def __init__(self, name: str, restart: Restart | str = Restart.PERMANENT) -> None:
         if not isinstance(name, str) or not name:
@@ -269,12 +273,18 @@ class Supervisor(SimplePlugin):
         within: the window of the restart intensity, in seconds.
         backoff: the delay before the first restart of a window, doubled for each
             further restart in it, up to ``max_backoff``.
+        ordered: False: the children have no order between them, and start and stop
+            all together.
+        concurrency: how many children of one step start at once (the number of CPUs
+            by default).
 
     Children start at the bus's start (``Priority.START_CHILDREN``, 80: after ports are
     bound at 75 and privileges dropped at 77, before their users start at 85), one
     after another, each once it is ready; if one cannot start, the bus's start fails.
     They stop at the bus's stop (``Priority.STOP_CHILDREN``, 20: after their users
-    stopped at 10, before most plugins close what the children may use).
+    stopped at 10, before most plugins close what the children may use). The workers
+    of a pool (children next to each other with the same :attr:`Child.batch`) are one
+    step of that order: they start together (``concurrency`` at a time) and stop together.
     """
 
     def __init__(
@@ -286,6 +296,8 @@ class Supervisor(SimplePlugin):
         within: float = 5.0,
         backoff: float = 0.1,
         max_backoff: float = 5.0,
+        ordered: bool = True,
+        concurrency: int | None = None,
     ) -> None:
         super().__init__(bus)
         self.strategy = Strategy(strategy)
@@ -294,7 +306,13 @@ class Supervisor(SimplePlugin):
         for label, value in (("within", within), ("backoff", backoff), ("max_backoff", max_backoff)):
             if not isinstance(value, int | float) or not 0 <= value < math.inf:
                 raise ValueError(f"{label} must be a finite number of seconds >= 0, not {value!r}")
+        if concurrency is None:
+            concurrency = os.cpu_count() or 1
+        if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+            raise ValueError(f"concurrency must be None or an int >= 1, not {concurrency!r}")
         self.max_restarts = max_restarts
+        self.ordered = bool(ordered)
+        self.concurrency = concurrency
         self.within = float(within)
         self.backoff = float(backoff)
         self.max_backoff = float(max_backoff)
@@ -358,8 +376,8 @@ class Supervisor(SimplePlugin):
         send, receive = anyio.create_memory_object_stream[_Exit](math.inf)
         self._exits = send  # an exit before the supervisor runs waits there for it
         try:
-            for child in self._children:
-                await self._spawn(child)
+            for step in self._steps(self._children):
+                await self._spawn_step(step)
         except BaseException:
             self._exits = None
             send.close()
@@ -393,7 +411,7 @@ class Supervisor(SimplePlugin):
                     await self._halt_supervision()
                     children = [child for child in reversed(self._children) if self._running(child)]
                     left = max(0.0, anyio.current_effective_deadline() - anyio.current_time())
-                    needed = sum(child.stop_budget for child in children)
+                    needed = self._needed(children)
                     done = anyio.Event()
                     if left < needed:
                         budget = max(0.0, left - DEADLINE_MARGIN)
@@ -434,13 +452,13 @@ class Supervisor(SimplePlugin):
         """Warn if the bus's stop_timeout is shorter than stopping the children one after another may take."""
         timeout = self.bus.stop_timeout
         budgets = {child.name: child.stop_budget for child in self._children}
-        needed = sum(budgets.values())
+        needed = self._needed(self._children)
         if timeout is None or timeout >= needed:
             return
         each = ", ".join(f"{name} {budget:g} s" for name, budget in budgets.items())
         self.bus.log(
             f"The bus's stop_timeout ({timeout:g} s) is shorter than the stop budgets of children {each} "
-            f"({needed:g} s one after another): their stop will be cut short, and a child still "
+            f"({needed:g} s in their order): their stop will be cut short, and a child still "
             f"running at the deadline killed",
             logging.WARNING,
             children=list(budgets),
@@ -449,7 +467,72 @@ class Supervisor(SimplePlugin):
             stop_timeout=timeout,
         )
 
+    # -- one child at run time ---------------------------------------------------------
+
+    async def start_child(self, child: Child) -> None:
+        """Add ``child`` to the group if it is not in it, and start it now if the group runs.
+
+        Raises:
+            Exception: it could not start (recorded and logged; nothing of it runs).
+
+        Cancelled: nothing of it is left running. Timeout: the child's own start timeout.
+        """
+        if child not in self._children:
+            self.add(child)
+        if self._scope is not None and not self._running(child):
+            await self._spawn(child)
+
+    async def stop_child(self, child: Child, budget: float | None = None) -> None:
+        """Stop ``child`` (within its own stop budget unless given one) and wait until its exit is
+        recorded; it is not restarted, and stays in the group, stopped.
+
+        Shielded: once begun, the stop completes. Timeout: the budget, then a kill.
+        """
+        with anyio.CancelScope(shield=True):
+            if self._running(child):
+                await self._stop_child(child, budget)
+            if child.state is not ChildState.FAILED:
+                child.state = ChildState.STOPPED
+
     # -- running children -------------------------------------------------------------
+
+    def _steps(self, children: Iterable[Child]) -> list[list[Child]]:
+        """``children`` in steps of the order: one child each, but a pool's workers (next to each
+        other, the same batch) together, and all of them together if the group is not ordered."""
+        steps: list[list[Child]] = []
+        for child in children:
+            if steps and (not self.ordered or (child.batch is not None and steps[-1][-1].batch is child.batch)):
+                steps[-1].append(child)
+            else:
+                steps.append([child])
+        return steps
+
+    def _needed(self, children: Iterable[Child]) -> float:
+        """How long stopping ``children`` in their order may take: the longest budget of each step, summed."""
+        return sum(max(child.stop_budget for child in step) for step in self._steps(children))
+
+    async def _spawn_step(self, step: list[Child]) -> None:
+        """Start the children of one step, ``concurrency`` at a time; if one cannot start, those
+        still starting are cancelled (nothing of them is left) and its error is raised."""
+        if len(step) == 1:
+            await self._spawn(step[0])
+            return
+        limiter = anyio.CapacityLimiter(self.concurrency)
+        failures: list[Exception] = []
+
+        async def spawn(child: Child) -> None:
+            async with limiter:
+                try:
+                    await self._spawn(child)
+                except Exception as error:
+                    failures.append(error)
+                    group.cancel_scope.cancel()
+
+        async with anyio.create_task_group() as group:
+            for child in step:
+                group.start_soon(spawn, child)
+        if failures:
+            raise failures[0]
 
     async def _spawn(self, child: Child) -> None:
         """Start an incarnation of ``child`` and watch it; a failure is recorded, then raised."""
@@ -561,14 +644,18 @@ class Supervisor(SimplePlugin):
             await watched.wait()
 
     async def _terminate(self, children: Iterable[Child]) -> None:
-        """Stop ``children`` one after another, each within its own budget; none once a forced stop began."""
-        for child in children:
+        """Stop ``children`` in their order (a step's together), each within its own budget; none once a
+        forced stop began."""
+        for step in self._steps(children):
             if self._forcing:
                 return
-            if child.state in (ChildState.RUNNING, ChildState.STARTING, ChildState.STOPPING):
-                await self._stop_child(child)
-            if child.state is not ChildState.FAILED:
-                child.state = ChildState.STOPPED
+            async with anyio.create_task_group() as group:
+                for child in step:
+                    if child.state in (ChildState.RUNNING, ChildState.STARTING, ChildState.STOPPING):
+                        group.start_soon(self._stop_child, child)
+            for child in step:
+                if child.state is not ChildState.FAILED:
+                    child.state = ChildState.STOPPED
 
     async def _halt_supervision(self) -> None:
         """End the supervisor's loop (no restart from here on): from then on, exits are recorded by their watchers."""
@@ -661,16 +748,16 @@ class Supervisor(SimplePlugin):
             await anyio.sleep(delay)
             if self._stopping:
                 return  # the bus is stopping: its stop stops whatever runs
-            started: list[Child] = []
+            affected = [each for each in affected if each in self._children]  # a pool may have shrunk
             try:
-                for each in affected:
-                    await self._spawn(each)
-                    each.restarts += 1
-                    started.append(each)
+                for step in self._steps(affected):
+                    await self._spawn_step(step)
+                    for each in step:
+                        each.restarts += 1
             except Exception:
                 # _spawn recorded why; stop those of this attempt so that the next one starts them anew
                 with anyio.CancelScope(shield=True):
-                    await self._terminate(reversed(started))
+                    await self._terminate(reversed([each for each in affected if self._running(each)]))
                 for each in affected:
                     each.state = ChildState.RESTARTING
                 continue

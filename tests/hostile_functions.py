@@ -287,3 +287,16 @@ async def sends_and_returns(bus: Bus, link: ParentLink) -> None:
     """Send SENT_AT_STOP messages of SENT_AT_STOP_BYTES each, then return."""
     for number in range(SENT_AT_STOP):
         await link.send((number, b"z" * SENT_AT_STOP_BYTES))
+
+
+async def works(bus: Bus, link: ParentLink) -> None:
+    """For pools: answer each message with ``(pid, message)``, after 2 ms of CPU work; a message
+    ``"hold"`` is taken and never finished (the function waits for good)."""
+    async for message in link:
+        if message == "hold":
+            await link.send((os.getpid(), "holding"))
+            await anyio.sleep_forever()
+        deadline = time.process_time() + 0.002
+        while time.process_time() < deadline:
+            pass
+        await link.send((os.getpid(), message))

@@ -53,6 +53,32 @@ def test_ctrl_c_or_sigterm_stops_both_with_every_order_executed(spawn: Spawner, 
     assert len(bank) == 2  # both buses logged their shutdown
 
 
+def test_a_pool_of_three_brokers_executes_every_order_once(spawn: Spawner) -> None:
+    """--brokers 3: SIGTERM stops it with exit 0; every order placed was executed exactly once, by
+    the three brokers between them, whose lines name them (Broker0, Broker1, Broker2); nothing is left."""
+    demo = spawn.run([sys.executable, str(DEMO), "--interval", "0.02", "--brokers", "3"])
+    demo.wait_for("order placed for", count=30)
+    demo.send(signal.SIGTERM)
+    assert demo.wait() == 0, demo.output
+    demo.assert_nothing_left()
+    placed, executed = orders(demo.output)
+    assert len(placed) >= 30
+    assert sorted(executed) == sorted(placed)
+    names = {line.split("]", 1)[1].split()[0] for line in demo.output.splitlines() if "order placed for" in line}
+    assert names == {"Broker0", "Broker1", "Broker2"}
+    assert demo.output.count("Broker closed") == 3
+
+
+@pytest.mark.parametrize(
+    "arguments", [["--interval", "nan"], ["--interval", "inf"], ["--duration", "-1"], ["--brokers", "0"]]
+)
+def test_bad_arguments_are_usage_errors(spawn: Spawner, arguments: list[str]) -> None:
+    """A NaN or infinite interval, a negative duration, no brokers: a usage error (exit 2), no traceback."""
+    demo = spawn.run([sys.executable, str(DEMO), *arguments])
+    assert demo.wait() == 2, demo.output
+    assert "Traceback" not in demo.output and "error: argument" in demo.output
+
+
 def test_lines_read_as_in_the_article(spawn: Spawner) -> None:
     """Console lines: [time] Bank    INFO  Placing order: ... and [time] Broker  INFO  ... order placed for ..."""
     demo = spawn.run([sys.executable, str(DEMO), "--interval", "0.05", "--duration", "1"])

@@ -57,10 +57,12 @@ class ParentLink(ObjectReceiveStream[Any]):
     as it asks for the next, whatever those tasks have done with it.
     """
 
-    def __init__(self, link: Link) -> None:
+    def __init__(self, link: Link, on_idle: Callable[[], None] | None = None) -> None:
         self._link = link
         self._ended = False
         self._closed = False
+        self._on_idle = on_idle  # tells the parent what it is done with, as it is about to wait
+        self._reported = 0
         #: How many messages from the parent this child has taken (returned by :meth:`receive`).
         self.received = 0
         #: How many of those it is done with (it asked for the next one, or its function returned).
@@ -96,6 +98,9 @@ class ParentLink(ObjectReceiveStream[Any]):
             raise anyio.ClosedResourceError
         if self._ended:
             raise EndOfLink
+        if self._on_idle is not None and not self._link.ready and self._reported != self.acknowledged:
+            self._reported = self.acknowledged
+            self._on_idle()  # about to wait: the parent (a pool) sees at once that this one is free
         try:
             message = await self._link.receive()
         except UndecodableFrame:
@@ -214,7 +219,9 @@ async def _child_main(spec: ChildSpec) -> int:
             async with Bus(main_interval=spec.main_interval) as bus:
                 stop_requested = anyio.Event()
                 link = ParentLink(data)
-                bus.subscribe("main", Heartbeat(beats, link))
+                heartbeat = Heartbeat(beats, link)
+                link._on_idle = heartbeat
+                bus.subscribe("main", heartbeat)
                 bus.start_soon(_read_control, control, bus, stop_requested, spec.parent_pid)
                 bus.start_soon(_exit_on_sigterm, bus)
                 await bus.start()

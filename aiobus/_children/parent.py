@@ -144,6 +144,10 @@ class ChildBroker(Child, ObjectReceiveStream[Any]):
             ``send`` waits. A single larger message still fits in an empty inbox.
         max_line: the longest line of the child's output (``print``, stderr, subprocesses)
             logged whole, in bytes; the rest of a longer one is cut with a marker.
+        workers: None: one child process. A number: a pool of that many workers running
+            ``fn``, each a child of its own named ``name[0]``, ``name[1]``... (see
+            :meth:`scale`); they start together and stop together, each is restarted
+            alone, and their messages share one inbox of ``inbox_bytes``.
 
     Raises:
         TypeError: ``fn`` is not callable, or cannot be pickled (defined inside a function,
@@ -152,6 +156,12 @@ class ChildBroker(Child, ObjectReceiveStream[Any]):
 
     ``fn`` may also be a class whose constructor takes ``(bus, link)`` and whose async
     ``run()`` method is the child's body.
+
+    A pool: :meth:`send` gives each message to the running worker with the fewest
+    messages not yet done with (ties in turn), with the accounting of a single child (that
+    worker's ``lost`` if it dies first); :meth:`receive` returns the messages of every
+    worker, in the order they arrived. The pool is not a child itself: its
+    :attr:`members` are, in the supervisor's listing; :meth:`subscribe` adds them.
     """
 
     kind = "broker"
@@ -175,6 +185,7 @@ class ChildBroker(Child, ObjectReceiveStream[Any]):
         high_water: int = 2**20,
         inbox_bytes: int = INBOX_BYTES,
         max_line: int = 65536,
+        workers: int | None = None,
     ) -> None:
         self._inbox = _Inbox(inbox_bytes)  # first: the base class sets the state, which wakes readers
         super().__init__(name, restart)
@@ -213,6 +224,26 @@ class ChildBroker(Child, ObjectReceiveStream[Any]):
         self._data: Link | None = None
         self._changed = anyio.Event()  # set (and replaced) when an incarnation comes up or ends
         self._incarnation: _Incarnation | None = None
+        if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+            raise ValueError(f"workers must be None or an int >= 1, not {workers!r}")
+        self._pool: list[ChildBroker] | None = None
+        self._retiring: set[int] = set()  # id() of workers a shrinking pool is stopping
+        self._turn = 0  # where the pool's next tie goes
+        self._options: dict[str, Any] = {
+            "restart": self.restart,
+            "grace": grace,
+            "term_grace": term_grace,
+            "start_timeout": start_timeout,
+            "send_timeout": send_timeout,
+            "hang_timeout": hang_timeout,
+            "heartbeat_misses": heartbeat_misses,
+            "main_interval": main_interval,
+            "max_frame_size": max_frame_size,
+            "high_water": high_water,
+            "max_line": max_line,
+        }
+        if workers is not None:
+            self._pool = [self._new_worker(index) for index in range(workers)]
 
     # -- messages ---------------------------------------------------------------------
 
@@ -236,6 +267,9 @@ class ChildBroker(Child, ObjectReceiveStream[Any]):
         Cancelled: the message was not queued. Timeout: ``send_timeout`` seconds for a
         child that is down, then ChildUnavailable.
         """
+        if self._pool is not None:
+            await self._send_to_pool(obj)
+            return
         with anyio.move_on_after(self.send_timeout):
             while self._data is None:
                 await self._changed.wait()
@@ -268,8 +302,8 @@ class ChildBroker(Child, ObjectReceiveStream[Any]):
         while not inbox.items:
             if self._closed:
                 raise anyio.ClosedResourceError
-            if self._data is None and self.state in (ChildState.STOPPED, ChildState.EXITED, ChildState.FAILED):
-                raise EndOfLink(f"child {self.name!r} is {self.state}")
+            if self._read_all():
+                raise EndOfLink(f"child {self.name!r} is {self._pool_state()}")
             await inbox.wait()  # woken by a message, a new incarnation or a change of state
         if self._closed:
             raise anyio.ClosedResourceError
@@ -288,6 +322,121 @@ class ChildBroker(Child, ObjectReceiveStream[Any]):
     def state_changed(self) -> None:
         self._inbox.notify()
 
+    def _read_all(self) -> bool:
+        """Whether nothing more can come: no incarnation runs, and none will."""
+        if self._pool is not None:
+            return all(worker._read_all() for worker in self._pool)
+        return self._data is None and self.state in (ChildState.STOPPED, ChildState.EXITED, ChildState.FAILED)
+
+    def _pool_state(self) -> str:
+        if self._pool is None:
+            return str(self.state)
+        return ", ".join(f"{worker.name} {worker.state}" for worker in self._pool)
+
+    # -- a pool -------------------------------------------------------------------------
+
+    @property
+    def members(self) -> tuple[ChildBroker, ...]:
+        """A pool's workers (each a child of the supervisor), or ``(self,)`` for a single child."""
+        return (self,) if self._pool is None else tuple(self._pool)
+
+    def _new_worker(self, index: int) -> ChildBroker:
+        worker = ChildBroker(self.bus, f"{self.name}[{index}]", self.fn, supervisor=self.supervisor, **self._options)
+        worker._inbox = self._inbox  # one inbox for the pool, bounded as a whole
+        worker.batch = self
+        return worker
+
+    async def _send_to_pool(self, obj: Any) -> None:
+        assert self._pool is not None
+        with anyio.move_on_after(self.send_timeout):
+            while not self._ready_workers():
+                await self._inbox.wait()  # woken as a worker comes up or ends
+        ready = self._ready_workers()
+        if not ready:
+            raise ChildUnavailable(f"no worker of pool {self.name!r} is running (waited {self.send_timeout:g} s)")
+        count = len(self._pool)
+        order = {id(worker): index for index, worker in enumerate(self._pool)}
+        chosen = min(ready, key=lambda worker: (worker._unfinished(), (order[id(worker)] - self._turn) % count))
+        self._turn = order[id(chosen)] + 1
+        await chosen.send(obj)
+
+    def _ready_workers(self) -> list[ChildBroker]:
+        assert self._pool is not None
+        return [worker for worker in self._pool if worker._data is not None and id(worker) not in self._retiring]
+
+    def _unfinished(self) -> int:
+        """Messages accepted for the running incarnation that its function is not done with yet."""
+        incarnation = self._incarnation
+        return 0 if incarnation is None else incarnation.unfinished()
+
+    async def scale(self, workers: int) -> None:
+        """Grow or shrink a pool to ``workers`` workers.
+
+        New workers join the supervisor and, if it runs, start at once (together); the
+        call returns once they are ready. Workers taken away (the last ones) get no new
+        message, and stop gracefully: each finishes what it was sent (its input ends
+        after it), within its stop budget; they then leave the supervisor.
+
+        Raises:
+            TypeError: this is a single child (made without ``workers``).
+            ValueError: ``workers`` is not an int >= 1.
+            Exception: a new worker could not start (it is taken away again).
+
+        Cancelled: starts are undone (nothing of a new worker runs); stops complete.
+        """
+        if self._pool is None:
+            raise TypeError(f"child {self.name!r} is not a pool: make it with workers=N to scale it")
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+            raise ValueError(f"workers must be an int >= 1, not {workers!r}")
+        group = self._group()
+        subscribed = any(worker in group._children for worker in self._pool)
+        if workers < len(self._pool):
+            leaving = self._pool[workers:]
+            self._retiring.update(id(worker) for worker in leaving)
+            try:
+                async with anyio.create_task_group() as stops:
+                    for worker in leaving:
+                        stops.start_soon(group.stop_child, worker)
+            finally:
+                for worker in leaving:
+                    if worker in group._children:
+                        group.remove(worker)
+                    self._pool.remove(worker)
+                    self._retiring.discard(id(worker))
+            return
+        joining = [self._new_worker(index) for index in range(len(self._pool), workers)]
+        self._pool.extend(joining)
+        if not subscribed:
+            return
+        try:
+            for worker in joining:
+                group.add(worker)
+            if group._scope is not None:  # the group runs: they start now
+                await group._spawn_step(list[Child](joining))
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                for worker in joining:
+                    await group.stop_child(worker)
+                    group.remove(worker)
+                    self._pool.remove(worker)
+            raise
+
+    def subscribe(self) -> None:
+        """Join the supervisor's group (a pool: each of its workers joins), once."""
+        if self._pool is None:
+            super().subscribe()
+            return
+        for worker in self._pool:
+            worker.subscribe()
+        self.supervisor = self._pool[0].supervisor
+
+    def unsubscribe(self) -> None:
+        """Leave the supervisor's group (a pool: each of its workers leaves); nothing may be running."""
+        for worker in self.members if self._pool is not None else ():
+            worker.unsubscribe()
+        if self._pool is None:
+            super().unsubscribe()
+
     def _set_data(self, data: Link | None) -> None:
         self._data = data
         self._changed.set()
@@ -298,6 +447,7 @@ class ChildBroker(Child, ObjectReceiveStream[Any]):
 
     @property
     def pid(self) -> int | None:
+        """The running worker's pid (a pool: None, see :attr:`members`)."""
         return self._pid
 
     @property
@@ -314,6 +464,8 @@ class ChildBroker(Child, ObjectReceiveStream[Any]):
 
         Cancelled: the incarnation is killed and reaped before the cancellation goes on.
         """
+        if self._pool is not None:
+            raise TypeError(f"pool {self.name!r} is not a child itself: its members are")
         incarnation = _Incarnation(self)
         self._incarnation = incarnation
         self.bus.start_soon(incarnation.run, name=f"aiobus child {self.name}")
@@ -393,10 +545,18 @@ class _Incarnation:
         self._last_lines: deque[str] = deque(maxlen=LAST_LINES)  # of its stderr, for a failure to start
         self._stop_limit = math.inf  # when a stop must be over (a budget shortens it)
         self._stop_changed = anyio.Event()
+        self.beats: HeartbeatReader | None = None
+        self._beaten = False  # a heartbeat arrived since the hang watch last looked
 
     @property
     def pid(self) -> int | None:
         return None if self.worker is None else self.worker.pid
+
+    def unfinished(self) -> int:
+        """Messages sent to this incarnation that its function is not done with (as of its last heartbeat)."""
+        if self.beats is not None and self.sent > self.acknowledged:
+            self._take_heartbeats(self.beats)
+        return max(0, self.sent - self.acknowledged)
 
     async def run(self) -> None:
         try:
@@ -465,7 +625,8 @@ class _Incarnation:
                     Link(await UNIXSocketStream.from_socket(worker.sockets["data"]), **self.child.link_options) as data,
                 ):
                     self.control, self.data = control, data
-                    await self._serve(control, data, HeartbeatReader(worker.sockets["beats"]))
+                    self.beats = HeartbeatReader(worker.sockets["beats"])
+                    await self._serve(control, data, self.beats)
             except UndeliveredMessages as lost:
                 self.undelivered = lost.count
             with anyio.move_on_after(self.child.grace + self.child.term_grace):
@@ -596,7 +757,9 @@ class _Incarnation:
         timeout = self.child.hang_timeout
         while True:
             await anyio.sleep(timeout if timeout is not None else 60.0)  # without hang detection, still read
-            if self._take_heartbeats(beats) or timeout is None or self.stopping:
+            arrived = self._take_heartbeats(beats) or self._beaten
+            self._beaten = False
+            if arrived or timeout is None or self.stopping:
                 continue
             self.bus.log(
                 f"Child {self.child.name} hung: no heartbeat for {timeout:g} s (its event loop was blocked "
@@ -615,6 +778,7 @@ class _Incarnation:
         arrived, acknowledged = beats.take()
         if acknowledged is not None:
             self.acknowledged = max(self.acknowledged, acknowledged)
+        self._beaten = self._beaten or arrived
         return arrived
 
     # -- stopping ---------------------------------------------------------------------
