@@ -48,22 +48,50 @@ class PortReady:
     an ``interval`` later.
 
     Args:
-        port: the TCP port, 1 to 65535.
+        port: the TCP port, 1 to 65535; for the instances of a program, a template such as
+            ``"{port}"``, filled in for each with its names (see ``Subprocess(instances=...)``).
         host: the address to connect to; a listener on it, on ``0.0.0.0`` or on ``::`` counts.
         interval: seconds between two attempts.
     """
 
-    port: int
+    port: int | str
     host: str = "127.0.0.1"
     interval: float = 0.05
 
     def __post_init__(self) -> None:
-        if isinstance(self.port, bool) or not isinstance(self.port, int) or not 0 < self.port < 65536:
+        if isinstance(self.port, str) and "{" in self.port:
+            pass  # a template: checked once filled in (for_instance)
+        elif isinstance(self.port, bool) or not isinstance(self.port, int) or not 0 < self.port < 65536:
             raise ValueError(f"PortReady needs a TCP port from 1 to 65535, not {self.port!r}")
         if not isinstance(self.host, str) or not self.host:
             raise TypeError(f"PortReady needs a host name or address, not {self.host!r}")
         if isinstance(self.interval, bool) or not isinstance(self.interval, int | float) or not self.interval > 0:
             raise ValueError(f"PortReady's interval must be a positive number of seconds, not {self.interval!r}")
+
+    def for_instance(self, names: dict[str, object]) -> PortReady:
+        """This check for one instance of a program: a template port filled in with its ``names``.
+
+        Raises:
+            ValueError: the template names something unknown, or is not a port once filled in.
+        """
+        if not isinstance(self.port, str):
+            return self
+        try:
+            filled = self.port.format_map(names)
+        except (KeyError, IndexError, ValueError) as error:
+            raise ValueError(f"PortReady's port {self.port!r} cannot be filled in: {error!r}") from None
+        try:
+            port = int(filled)
+        except ValueError:
+            raise ValueError(f"PortReady's port {self.port!r} is {filled!r} once filled in: not a port") from None
+        return PortReady(port, self.host, self.interval)
+
+    @property
+    def number(self) -> int:
+        """The port (a template must have been filled in: :meth:`for_instance`)."""
+        if isinstance(self.port, str):
+            raise ValueError(f"PortReady's port {self.port!r} is a template for a program's instances")
+        return self.port
 
     async def wait(self, pgid: int | None = None) -> None:
         """Return once the port answers and, given ``pgid``, is held by that process group.
@@ -96,7 +124,7 @@ class PortReady:
 
     async def _answers(self) -> bool:
         try:
-            stream = await anyio.connect_tcp(self.host, self.port)
+            stream = await anyio.connect_tcp(self.host, self.number)
         except OSError:
             return False
         await stream.aclose()
@@ -105,7 +133,7 @@ class PortReady:
     def _survey(self, pgid: int, find_holder: bool) -> _Survey:
         """Look for the port's listening sockets among the descriptors of group ``pgid``
         (and, with ``find_holder``, of every other process)."""
-        inodes = _listening(self.port, _addresses(self.host, self.port))
+        inodes = _listening(self.number, _addresses(self.host, self.number))
         if not inodes:
             return _Survey(owned=None)  # no /proc, or the listener is out of sight
         unreadable = False

@@ -42,7 +42,7 @@ import signal
 import subprocess
 import sys
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import anyio
@@ -160,9 +160,18 @@ class Subprocess(Child):
             PortReady's port is held by another).
         max_line: the longest line of output kept, in bytes.
         supervisor: the group to join (a Supervisor you subscribed); the bus's default one if None.
+        instances: None: one program. A number N: N copies of it, each a child of its own
+            named ``name[0]``... ``name[N-1]`` (see :attr:`members`), started together and
+            stopped together, each restarted alone. In each copy's ``argv``, ``env`` values,
+            ``cwd`` and a :class:`PortReady` port given as a template (``PortReady("{port}")``),
+            ``{index}`` stands for its number and ``{name}`` for its own name; write ``{{``
+            and ``}}`` for braces.
+        names: for instances, more names to fill in: a function of the index returning them
+            (say ``lambda index: {"port": 8000 + index}``).
 
     Raises:
-        TypeError, ValueError: an argument is of the wrong type or out of range.
+        TypeError, ValueError: an argument is of the wrong type or out of range, or a
+            template names something not given.
     """
 
     kind = "program"
@@ -183,6 +192,8 @@ class Subprocess(Child):
         ready_timeout: float = 30.0,
         max_line: int = 65536,
         supervisor: Supervisor | None = None,
+        instances: int | None = None,
+        names: Callable[[int], Mapping[str, object]] | None = None,
     ) -> None:
         super().__init__(name, restart)
         self.bus = bus
@@ -207,6 +218,8 @@ class Subprocess(Child):
             self.kill_after = _seconds("kill_after", KILL_AFTER if kill_after is None else kill_after, zero=True)
         if ready is not None and not isinstance(ready, PortReady | LineReady):
             raise TypeError(f"ready must be None, a PortReady or a LineReady, not {ready!r}")
+        if isinstance(ready, PortReady) and isinstance(ready.port, str) and instances is None:
+            raise ValueError(f"PortReady's port {ready.port!r} is a template: give the program instances=N")
         self.ready = ready
         self.ready_timeout = _seconds("ready_timeout", ready_timeout, zero=False)
         if isinstance(max_line, bool) or not isinstance(max_line, int) or max_line < 1:
@@ -214,6 +227,64 @@ class Subprocess(Child):
         self.max_line = max_line
         self.supervisor = supervisor
         self._run: _Run | None = None
+        self._instances: list[Subprocess] | None = None
+        if instances is not None:
+            if isinstance(instances, bool) or not isinstance(instances, int) or instances < 1:
+                raise ValueError(f"instances must be None or an int >= 1, not {instances!r}")
+            if names is not None and not callable(names):
+                raise TypeError(f"names must be a function of the instance's index, not {names!r}")
+            self._instances = [self._instance(index, names) for index in range(instances)]
+
+    def _instance(self, index: int, names: Callable[[int], Mapping[str, object]] | None) -> Subprocess:
+        """Copy number ``index``, its templates filled in."""
+        name = f"{self.name}[{index}]"
+        values: dict[str, object] = {"index": index, "name": name, **(names(index) if names is not None else {})}
+
+        def fill(text: str) -> str:
+            try:
+                return text.format_map(values)
+            except (KeyError, IndexError, ValueError) as error:
+                raise ValueError(f"program {self.name!r}: {text!r} cannot be filled in: {error!r}") from None
+
+        ready = self.ready.for_instance(values) if isinstance(self.ready, PortReady) else self.ready
+        instance = Subprocess(
+            self.bus,
+            name,
+            [fill(arg) for arg in self.argv],
+            env=None if self.env is None else {key: fill(value) for key, value in self.env.items()},
+            cwd=None if self.cwd is None else fill(self.cwd),
+            restart=self.restart,
+            stop_signal=self.stop_signal,
+            kill_after=self.kill_after,
+            ready=ready,
+            ready_timeout=self.ready_timeout,
+            max_line=self.max_line,
+            supervisor=self.supervisor,
+        )
+        instance.batch = self
+        return instance
+
+    @property
+    def members(self) -> tuple[Subprocess, ...]:
+        """The instances (each a child of the supervisor), or ``(self,)`` for a single program."""
+        return (self,) if self._instances is None else tuple(self._instances)
+
+    def subscribe(self) -> None:
+        """Join the supervisor's group (with instances: each of them joins), once."""
+        if self._instances is None:
+            super().subscribe()
+            return
+        for instance in self._instances:
+            instance.subscribe()
+        self.supervisor = self._instances[0].supervisor
+
+    def unsubscribe(self) -> None:
+        """Leave the supervisor's group (with instances: each of them leaves); nothing may be running."""
+        if self._instances is None:
+            super().unsubscribe()
+            return
+        for instance in self._instances:
+            instance.unsubscribe()
 
     def __repr__(self) -> str:
         return f"<Subprocess {self.name!r} {self.argv!r} {self.state}>"
@@ -237,6 +308,8 @@ class Subprocess(Child):
             TimeoutError: the readiness check did not pass within ``ready_timeout``.
             RuntimeError: the program ended before it was ready.
         """
+        if self._instances is not None:
+            raise TypeError(f"program {self.name!r} has instances: they are the children, not it")
         if self._run is not None and not self._run.ended.is_set():
             raise RuntimeError(f"program {self.name!r} is already running")
         run = self._run = await self._launch()

@@ -858,3 +858,59 @@ def test_port_readiness_works_on_trio(where: Path) -> None:
             return bus.state
 
     assert anyio.run(start, backend="trio") is State.STARTED
+
+
+def fetch(url: str) -> bytes:
+    with urllib.request.urlopen(url, timeout=WAIT) as response:
+        return bytes(response.read())
+
+
+class TestInstances:
+    async def test_instances_with_substituted_ports_all_answer(self, where: Path) -> None:
+        """Three copies of http.server, each on the port its names give it and checked by PortReady("{port}"):
+        all answer once bus.start() returns, each is a child of its own, and all stop with the bus."""
+        ports = [free_port() for _ in range(3)]
+        (where / "hello.txt").write_text("hello")
+        argv = [sys.executable, "-m", "http.server", "{port}", "--bind", "127.0.0.1", "--directory", str(where)]
+        async with quiet_bus() as (bus, _, exits):
+            web = Subprocess(
+                bus, "web", argv, instances=3, names=lambda index: {"port": ports[index]}, ready=PortReady("{port}")
+            )
+            web.subscribe()
+            await bus.start()
+            assert web.supervisor is not None
+            assert [info.name for info in web.supervisor.children()] == ["web[0]", "web[1]", "web[2]"]
+            assert [member.argv[3] for member in web.members] == [str(port) for port in ports]
+            for port in ports:
+                url = f"http://127.0.0.1:{port}/hello.txt"
+                body = await anyio.to_thread.run_sync(fetch, url)
+                assert body == b"hello"
+            pids = [member.pid for member in web.members]
+        assert len(set(pids)) == 3 and None not in pids
+        assert sorted((e.name, e.expected) for e in exits.exits) == [
+            ("web[0]", True),
+            ("web[1]", True),
+            ("web[2]", True),
+        ]
+
+    async def test_index_and_name_reach_argv_and_env(self, where: Path) -> None:
+        """{index} and {name} are filled in argv and env values; doubled braces stay braces."""
+        code = "import os, sys\nprint('I am', os.environ['WHO'], sys.argv[2], sys.argv[3], flush=True)\n" + SLEEPER
+        argv = [*script(where, "who", code), "{index}", "{{literal}}"]
+        async with quiet_bus() as (bus, recorder, _):
+            Subprocess(bus, "who", argv, env={"WHO": "{name}"}, instances=2).subscribe()
+            await bus.start()
+            for index in range(2):
+                await recorder.wait_for(f"I am who[{index}] {index} {{literal}}", WAIT)
+
+    async def test_bad_instances_and_templates_are_refused(self) -> None:
+        """instances=0, a name the template does not know, a template port without instances: errors at construction."""
+        async with Bus() as bus:
+            with pytest.raises(ValueError, match="instances"):
+                Subprocess(bus, "x", ["true"], instances=0)
+            with pytest.raises(ValueError, match="cannot be filled in"):
+                Subprocess(bus, "x", ["true", "{port}"], instances=2)
+            with pytest.raises(ValueError, match="template"):
+                Subprocess(bus, "x", ["true"], ready=PortReady("{port}"))
+            with pytest.raises(ValueError, match="not a port"):
+                Subprocess(bus, "x", ["true"], instances=1, names=lambda i: {"port": "web"}, ready=PortReady("{port}"))
