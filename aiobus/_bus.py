@@ -68,7 +68,10 @@ class Bus:
     for a main listener while a stop waits for it), not from tasks it spawns.
 
     Args:
-        main_interval: seconds between two ``main`` ticks while STARTED.
+        main_interval: seconds between two ``main`` ticks while STARTED. While the
+            ``main`` channel has no listener the ticker sleeps, with no wake-up, and
+            publishes nothing; it goes on at the next point of its schedule once one
+            subscribes.
         stop_timeout: if set, a deadline in seconds for each step of a shutdown (the
             tick in progress, the stop channel, the exit channel); whatever still runs
             at a deadline is cancelled and logged, and the shutdown goes on.
@@ -187,6 +190,8 @@ class Bus:
                 f"the {channel} channel calls its listeners synchronously: an async listener cannot subscribe"
             )
         self._channels.subscribe(channel, callback, resolve_priority(callback, priority), is_async)
+        if channel == "main" and self._ticker is not None:
+            self._ticker.wake()
         return callback
 
     def unsubscribe(self, channel: str, callback: Callable[..., Any]) -> None:
@@ -430,7 +435,7 @@ class Bus:
                 return
             self._set_state(State.STARTED)
             if self.state is State.STARTED:  # not if a forced exit came first
-                self._ticker = Ticker(self.main_interval, self._tick, self._count_skipped)
+                self._ticker = Ticker(self.main_interval, self._tick, self._count_skipped, self._main_listened)
                 self.start_soon(self._ticker.run, name="aiobus main ticker")
         finally:
             self._release()
@@ -618,6 +623,9 @@ class Bus:
             )
 
     # -- the main ticker --------------------------------------------------------------
+
+    def _main_listened(self) -> bool:
+        return bool(self._channels.get("main"))
 
     def _count_skipped(self, count: int) -> None:
         self._ticks_skipped += count

@@ -15,11 +15,23 @@ class Ticker:
     catch-up ticks: the schedule points it overran are skipped and counted in
     ``skipped(n)``. The schedule never drifts, since each point is computed from the
     start and not from the previous tick.
+
+    Given ``wanted``, the ticker sleeps while ``wanted()`` is false (nobody listens),
+    with no wake-up at all, until :meth:`wake` is called; it then goes on at the next
+    point of its schedule. The points it slept through are not ticks, nor skipped.
     """
 
-    def __init__(self, interval: float, tick: Callable[[], Awaitable[None]], skipped: Callable[[int], None]) -> None:
+    def __init__(
+        self,
+        interval: float,
+        tick: Callable[[], Awaitable[None]],
+        skipped: Callable[[int], None],
+        wanted: Callable[[], bool] | None = None,
+    ) -> None:
         self.interval = interval
         self._skipped = skipped
+        self._wanted = wanted
+        self._wake = anyio.Event()
         self.task_id: int | None = None
         self._tick = tick
         self._stopping = anyio.Event()
@@ -39,6 +51,11 @@ class Ticker:
         start = anyio.current_time()
         due = 1
         while True:
+            if self._wanted is not None and not self._wanted():
+                while not self._wanted() and not self._stopping.is_set():
+                    self._wake = anyio.Event()
+                    await self._wake.wait()
+                due = max(due, math.floor((anyio.current_time() - start) / self.interval) + 1)
             with anyio.CancelScope(deadline=start + due * self.interval):
                 await self._stopping.wait()
             if self._stopping.is_set():
@@ -56,13 +73,19 @@ class Ticker:
         """Whether the ticker's task has started and not yet ended."""
         return self.task_id is not None and not self._done.is_set()
 
+    def wake(self) -> None:
+        """Say that ``wanted()`` may have become true: a sleeping ticker looks again."""
+        self._wake.set()
+
     def stop(self) -> None:
         """Ask the ticker to end after the tick in progress, if any."""
         self._stopping.set()
+        self._wake.set()
 
     def cancel(self) -> None:
         """End the ticker now, cancelling the tick in progress."""
         self._stopping.set()
+        self._wake.set()
         if self._scope is not None:
             self._scope.cancel()
 

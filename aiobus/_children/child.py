@@ -10,8 +10,10 @@ the parent started for it (see :mod:`.workers`) it:
 3. sends every structlog event (the child's bus logs through structlog) as a JSON line on
    the logs socket, waiting rather than dropping when the parent reads slowly;
 4. runs a :class:`~aiobus.Bus`, starts it, says :class:`~.messages.Ready`, and awaits the
-   user's function ``fn(bus, link)`` (or, for a class, ``fn(bus, link).run()``); each main
-   tick writes a heartbeat;
+   user's function ``fn(bus, link)`` (or, for a class, ``fn(bus, link).run()``); a task
+   writes a heartbeat four times per ``hang_timeout`` (a blocked loop writes none), and the
+   link one each time the function is about to wait for a message (a pool's parent sees at
+   once which workers are free); the bus's main ticker sleeps unless the function listens;
 5. on the parent's :class:`~.messages.Stop`, the data link ends (after the messages already
    sent) and the bus exits once ``fn`` has returned; the worker then ends with the bus's
    exit code, after a last :class:`~.messages.Done`.
@@ -221,7 +223,8 @@ async def _child_main(spec: ChildSpec) -> int:
                 link = ParentLink(data)
                 heartbeat = Heartbeat(beats, link)
                 link._on_idle = heartbeat
-                bus.subscribe("main", heartbeat)
+                if spec.beat_interval is not None:
+                    bus.start_soon(_beat, heartbeat, spec.beat_interval, name="aiobus heartbeat")
                 bus.start_soon(_read_control, control, bus, stop_requested, spec.parent_pid)
                 bus.start_soon(_exit_on_sigterm, bus)
                 await bus.start()
@@ -254,7 +257,7 @@ async def _run_user(
 
 
 class Heartbeat:
-    """The child's main listener: each main tick writes a heartbeat to the parent.
+    """Called to write a heartbeat to the parent (by a task now and then, and by the link as it waits).
 
     Heartbeats go over a connection of their own, as fixed-size records written without
     waiting; the parent reads them only when it checks on the child, so an idle child
@@ -277,6 +280,13 @@ class Heartbeat:
             sent = len(data)  # the parent is gone
         rest = data[sent:]
         self._partial = rest[: len(rest) % BEAT.size]
+
+
+async def _beat(heartbeat: Heartbeat, interval: float) -> None:
+    """A heartbeat every ``interval`` seconds: a loop blocked for longer misses some."""
+    while True:
+        await anyio.sleep(interval)
+        heartbeat()
 
 
 async def _cancel_when_exiting(bus: Bus, scope: anyio.CancelScope) -> None:

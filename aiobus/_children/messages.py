@@ -104,6 +104,7 @@ class ChildSpec:
     main_interval: float
     link_options: LinkOptions
     sockets: Sockets
+    beat_interval: float | None = None  # seconds between two heartbeats; None: none (no hang detection)
 
 
 # -- log events ---------------------------------------------------------------------------

@@ -54,6 +54,8 @@ from .workers import Worker, WorkerError, run_in_worker, start_worker
 #: Seconds without a heartbeat before a child counts as hung, unless told otherwise: a
 #: message may take minutes of blocking work.
 HANG_TIMEOUT = 300.0
+#: Heartbeats a child sends in each ``hang_timeout`` (the parent looks once in each).
+BEATS_PER_CHECK = 4
 #: The bytes of messages from a child that wait unread in the parent, unless told otherwise.
 INBOX_BYTES = 16 * 2**20
 #: What each message counts in the inbox besides its pickled size (the objects it unpickles to).
@@ -128,7 +130,7 @@ class ChildBroker(Child, ObjectReceiveStream[Any]):
         term_grace: seconds after SIGTERM before SIGKILL.
         start_timeout: seconds for the child to be ready.
         send_timeout: how long :meth:`send` waits for a child that is down or restarting.
-        hang_timeout: seconds without a heartbeat (each of the child's main ticks is one)
+        hang_timeout: seconds without a heartbeat (the child sends four in each)
             before the child counts as hung and is killed (its policy then applies); the
             parent looks every ``hang_timeout`` seconds, so a hang is found after one to
             two of them. None disables hang detection. Work that blocks the child's event
@@ -616,6 +618,7 @@ class _Incarnation:
             self.child.main_interval,
             self.child.link_options,
             worker.child_fds,
+            None if self.child.hang_timeout is None else self.child.hang_timeout / BEATS_PER_CHECK,
         )
         async with anyio.create_task_group() as tasks:
             tasks.start_soon(self._run_worker, worker, spec)
