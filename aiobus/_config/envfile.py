@@ -145,7 +145,7 @@ def _expand(key: str, text: str, defined: Mapping[str, str], environ: Mapping[st
             return environ[name]
         if colon:
             return default
-        raise _LineError(f"{key}: ${{{name}}} is not set (in the file above this line nor in the environment)")
+        raise _LineError(f"{key}: ${{{name}}} is not set (neither above in the file nor in the environment)")
 
     if "${" in text and "}" not in text[text.index("${") :]:
         raise _LineError(f"{key}: '${{' without a closing '}}'")

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .envfile import read_env_file
-from .schema import BROKER, GROUP, PROGRAM, READY, SERVICE, TOP, Key, Section, did_you_mean
+from .schema import BROKER, GROUP, PROGRAM, READY, SERVICE, STRING_TABLE, TOP, Key, Section, did_you_mean
 
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
@@ -66,8 +66,10 @@ class _Checker:
         self.folder = os.path.dirname(os.path.abspath(path))
         self.problems: list[str] = []
 
-    def problem(self, where: str, message: str) -> None:
-        self.problems.append(f"{self.path}: {where}: {message}" if where else f"{self.path}: {message}")
+    def problem(self, where: str, message: str, key: str = "") -> None:
+        """Record ``message`` about ``where`` (a table, such as ``[programs.web]``) and its ``key``."""
+        place = f"{where} {key}" if where and key else where or key
+        self.problems.append(f"{self.path}: {place}: {message}" if place else f"{self.path}: {message}")
 
     def resolve(self, path: str) -> str:
         """A path of the file: relative ones are relative to the file's folder."""
@@ -80,16 +82,20 @@ class _Checker:
         for name, value in table.items():
             key = section.key(name)
             if key is None:
-                self.problem(where, f"unknown key {name!r}{did_you_mean(name, names)}")
+                self.problem(where, f"unknown key{did_you_mean(name, names)}", name)
             elif key.pending is not None:
-                self.problem(where, f"{name}: not supported yet ({key.pending})")
+                self.problem(where, f"not supported yet ({key.pending})", name)
+            elif key.kind is STRING_TABLE and isinstance(value, dict) and not key.kind.accepts(value):
+                for item, text in value.items():
+                    if not isinstance(text, str):
+                        self.problem(where, f"expected a string, got {_describe(text, key)}", f"{name}.{item}")
             elif not key.kind.accepts(value):
-                self.problem(where, f"{name}: expected {key.kind.name}, got {_describe(value, key)}")
+                self.problem(where, f"expected {key.kind.name}, got {_describe(value, key)}", name)
             else:
                 try:
                     values[name] = key.convert(value) if key.convert is not None else value
                 except ValueError as error:
-                    self.problem(where, f"{name}: {error}")
+                    self.problem(where, str(error), name)
         for key in section.keys:
             if key.required and key.name not in table:
                 self.problem(where, f"missing required key {key.name!r}")
@@ -100,7 +106,7 @@ class _Checker:
         tables: dict[str, Mapping[str, Any]] = {}
         for name, table in data.get(kind, {}).items():
             if not isinstance(table, dict):
-                self.problem(f"[{kind}]", f"{name}: expected a table, got {_describe(table, None)}")
+                self.problem(f"[{kind}]", f"expected a table, got {_describe(table, None)}", name)
             elif not _NAME.fullmatch(name):
                 self.problem(f"[{kind}.{name}]", "a name is letters, digits, '_', '.' and '-'")
             else:
@@ -170,7 +176,7 @@ def check_service(data: Mapping[str, Any], path: str, environ: Mapping[str, str]
     programs = {child.name for child in spec.children if child.kind == "program"}
     for child in spec.children:
         if child.kind == "broker" and child.name in programs:
-            checker.problem(f"[brokers.{child.name}]", f"a program is called {child.name!r} too: names must differ")
+            checker.problem(f"[brokers.{child.name}]", "a program has this name too: names must differ")
     names = [child.name for child in spec.children]
     member_of: dict[str, str] = {}
     for name, table in checker.named_tables(top, "groups").items():
@@ -179,9 +185,11 @@ def check_service(data: Mapping[str, Any], path: str, environ: Mapping[str, str]
         members = values.pop("children", [])
         for member in members:
             if member not in names:
-                checker.problem(where, f"children: no program or broker named {member!r}{did_you_mean(member, names)}")
+                checker.problem(
+                    where, f"no program or broker named {member!r}{did_you_mean(member, names)}", "children"
+                )
             elif member in member_of:
-                checker.problem(where, f"children: {member!r} is in group {member_of[member]!r} already")
+                checker.problem(where, f"{member!r} is in group {member_of[member]!r} already", "children")
             else:
                 member_of[member] = name
         spec.groups.append(GroupSpec(name, members, _kwargs(values, GROUP)))
@@ -208,14 +216,14 @@ def _program(checker: _Checker, name: str, table: Mapping[str, Any], environ: Ma
         try:
             child.argv = shlex.split(values["command"])
         except ValueError as error:
-            checker.problem(where, f"command: {str(error).lower()}")
+            checker.problem(where, str(error).lower(), "command")
         else:
             if not child.argv:
-                checker.problem(where, "command: expected a command line, got an empty one")
+                checker.problem(where, "expected a command line, got an empty one", "command")
     elif "argv" in values:
         child.argv = values["argv"]
         if not child.argv:
-            checker.problem(where, "argv: expected the program and its arguments, got an empty list")
+            checker.problem(where, "expected the program and its arguments, got an empty list", "argv")
     elif "command" not in table and "argv" not in table:
         checker.problem(where, "missing required key 'command' (or 'argv')")
     if "ready" in values:
@@ -224,7 +232,7 @@ def _program(checker: _Checker, name: str, table: Mapping[str, Any], environ: Ma
         env = dict(environ)
         files = values.get("env_file", [])
         for file in [files] if isinstance(files, str) else files:
-            found, problems = read_env_file(checker.resolve(file), environ)
+            found, problems = read_env_file(os.path.join(os.path.dirname(checker.path), file), environ)
             checker.problems += [f"{problem} (the env_file of {where})" for problem in problems]
             env.update(found)
         env.update(values.get("env", {}))
@@ -240,10 +248,10 @@ def _ready(checker: _Checker, table: Mapping[str, Any], where: str) -> tuple[str
     kind, others = ("port", ("line", "stream")) if "port" in table else ("line", ("port", "host", "interval"))
     for other in others:
         if other in table:
-            checker.problem(where, f"{other}: goes with {'line' if kind == 'port' else 'port'}, not {kind}")
+            checker.problem(where, f"goes with {'line' if kind == 'port' else 'port'}, not {kind}", other)
     if kind == "line" and "line" in values:
         try:
             re.compile(values["line"])
         except re.error as error:
-            checker.problem(where, f"line: not a regular expression: {error}")
+            checker.problem(where, f"not a regular expression: {error}", "line")
     return kind, _kwargs(values, READY)
