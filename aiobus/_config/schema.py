@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import re
 import signal
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -134,12 +135,12 @@ def port(value: int) -> int:
 
 def signal_number(value: str) -> int:
     """``"SIGTERM"``, ``"TERM"`` or ``"term"``: the signal's number."""
-    name = value.upper()
-    name = name if name.startswith("SIG") else "SIG" + name
-    names = [sig.name for sig in signal.Signals if not sig.name.startswith("SIG_") and sig.name.isupper()]
-    if name not in names:
-        raise ValueError(f"unknown signal {value!r}{did_you_mean(name, names)}")
-    return int(signal.Signals[name])
+    bare = value.upper().removeprefix("SIG")
+    names = [sig.name[3:] for sig in signal.Signals if sig.name.startswith("SIG") and not sig.name.startswith("SIG_")]
+    if bare not in names:
+        close = difflib.get_close_matches(bare, names, n=1, cutoff=0.6)
+        raise ValueError(f"unknown signal {value!r}" + (f" (did you mean 'SIG{close[0]}'?)" if close else ""))
+    return int(signal.Signals["SIG" + bare])
 
 
 def choice(*choices: str) -> Callable[[str], str]:
@@ -336,11 +337,15 @@ SECTIONS = (TOP, SERVICE, GROUP, PROGRAM, READY, BROKER)
 def keys_table() -> str:
     """The README's table of keys, in Markdown."""
     rows = ["| table | key | type | default | meaning |", "|---|---|---|---|---|"]
-    for section in SECTIONS[1:]:
+    for section in SECTIONS:
+        title = f"`{section.title}`" if section.title.startswith("[") else section.title
         for key in section.keys:
-            kind = key.kind.name.removeprefix("a ").removeprefix("an ")
+            if key.kind is TABLE and section is TOP:
+                continue  # the tables below
+            kind = re.sub(r"\b(a|an) ", "", key.kind.name)
+            default = f"`{key.default}`" if re.match(r"[-\d\"]|false|true", key.default) else key.default
             meaning = f"not supported yet: {key.pending}" if key.pending else key.doc
             if key.required:
                 meaning += " (required)"
-            rows.append(f"| `{section.title}` | `{key.name}` | {kind} | {key.default} | {meaning} |")
+            rows.append(f"| {title} | `{key.name}` | {kind} | {default} | {meaning} |")
     return "\n".join(rows)
