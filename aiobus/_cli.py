@@ -182,7 +182,7 @@ def make_plugins(bus: Bus, args: argparse.Namespace) -> list[SimplePlugin]:
     if args.user is not None or args.group is not None or args.umask is not None:
         plugins.append(DropPrivileges(bus, uid=args.user, gid=args.group, umask=args.umask))
     if args.reload:
-        plugins.append(Autoreloader(bus))
+        plugins.append(Autoreloader(bus, getattr(args, "watch", None)))  # a service file's files too
     return plugins
 
 

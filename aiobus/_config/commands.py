@@ -113,6 +113,7 @@ def _merge(args: argparse.Namespace, defaults: dict[str, Any], spec: ServiceSpec
         if getattr(args, name, None) == defaults.get(name):
             setattr(merged, name, value)
     merged.target = spec.setup or spec.path
+    merged.watch = spec.files  # with reload: a change to the file (or an env file) restarts the service
     return merged
 
 

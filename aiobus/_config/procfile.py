@@ -7,6 +7,7 @@ in the order of the file. Blank lines and ``#`` comments are skipped.
 
 from __future__ import annotations
 
+import os
 import re
 
 from .validate import ChildSpec, ConfigError, ServiceSpec
@@ -28,7 +29,7 @@ def load_procfile(path: str) -> ServiceSpec:
     except (OSError, UnicodeDecodeError) as error:
         reason = error.strerror if isinstance(error, OSError) else "not UTF-8 text"
         raise ConfigError([f"{path}: cannot read the file: {reason}"]) from None
-    spec = ServiceSpec(path)
+    spec = ServiceSpec(path, files=[os.path.abspath(path)])
     problems: list[str] = []
     for number, line in enumerate(text.splitlines(), start=1):
         stripped = line.strip()

@@ -53,6 +53,7 @@ class ServiceSpec:
 
     path: str
     settings: dict[str, Any] = field(default_factory=dict)  # the [service] keys, as command-line settings
+    files: list[str] = field(default_factory=list)  # the file and the environment files it reads
     groups: list[GroupSpec] = field(default_factory=list)
     children: list[ChildSpec] = field(default_factory=list)
     setup: str | None = None
@@ -162,13 +163,13 @@ def check_service(data: Mapping[str, Any], path: str, environ: Mapping[str, str]
     """Check parsed TOML data; see :func:`load_service`."""
     checker = _Checker(path)
     top = checker.table(data, TOP, "")
-    spec = ServiceSpec(path, setup=top.get("setup"))
+    spec = ServiceSpec(path, setup=top.get("setup"), files=[os.path.abspath(path)])
     service = checker.table(top.get("service", {}), SERVICE, "[service]")
     spec.settings = _kwargs(service, SERVICE)
     if "pidfile" in spec.settings:
         spec.settings["pidfile"] = checker.resolve(spec.settings["pidfile"])
     for name, table in checker.named_tables(top, "programs").items():
-        spec.children.append(_program(checker, name, table, environ))
+        spec.children.append(_program(checker, name, table, environ, spec.files))
     for name, table in checker.named_tables(top, "brokers").items():
         values = checker.table(table, BROKER, f"[brokers.{name}]")
         target = values.pop("target", "")
@@ -204,7 +205,9 @@ def _kwargs(values: Mapping[str, Any], section: Section) -> dict[str, Any]:
     return {keys[name]: value for name, value in values.items() if name in keys}
 
 
-def _program(checker: _Checker, name: str, table: Mapping[str, Any], environ: Mapping[str, str]) -> ChildSpec:
+def _program(
+    checker: _Checker, name: str, table: Mapping[str, Any], environ: Mapping[str, str], read: list[str]
+) -> ChildSpec:
     where = f"[programs.{name}]"
     values = checker.table(table, PROGRAM, where)
     child = ChildSpec("program", name, _kwargs(values, PROGRAM))
@@ -232,7 +235,9 @@ def _program(checker: _Checker, name: str, table: Mapping[str, Any], environ: Ma
         env = dict(environ)
         files = values.get("env_file", [])
         for file in [files] if isinstance(files, str) else files:
-            found, problems = read_env_file(os.path.join(os.path.dirname(checker.path), file), environ)
+            env_path = os.path.join(os.path.dirname(checker.path), file)
+            found, problems = read_env_file(env_path, environ)
+            read.append(os.path.abspath(env_path))
             checker.problems += [f"{problem} (the env_file of {where})" for problem in problems]
             env.update(found)
         env.update(values.get("env", {}))

@@ -95,6 +95,12 @@ env = {{ B = "from-env" }}
 """
 
 
+REPORT = """
+def setup(bus):
+    bus.subscribe("start", lambda: bus.log("report", interval=bus.main_interval, stop_timeout=bus.stop_timeout))
+"""
+
+
 class TestRunning:
     def test_env_wins_over_env_file_which_wins_over_the_inherited_environment(self, spawn: Spawner) -> None:
         """A program sees its env's B, its env file's A (over the inherited A) and the inherited C."""
@@ -106,12 +112,7 @@ class TestRunning:
 
     def test_a_flag_wins_over_the_file_and_the_file_over_the_default(self, spawn: Spawner) -> None:
         """--stop-timeout given wins over the file's; the file's main_interval wins over the default."""
-        write(
-            spawn,
-            "report.py",
-            "def setup(bus):\n    bus.subscribe('start', lambda: bus.log('report', "
-            "interval=bus.main_interval, stop_timeout=bus.stop_timeout))\n",
-        )
+        write(spawn, "report.py", REPORT)
         config = write(
             spawn,
             "svc.toml",
@@ -122,6 +123,21 @@ class TestRunning:
         stop_cleanly(child)
         [report] = [event for event in child.events() if event["event"] == "report"]
         assert (0.25, 7.5) == (report["interval"], report["stop_timeout"])
+
+    def test_with_reload_a_change_to_the_file_restarts_the_service_which_reads_it_again(self, spawn: Spawner) -> None:
+        """reload = true: writing the service file re-executes the process, which runs with the new values."""
+        write(spawn, "report.py", REPORT)
+        text = 'setup = "report:setup"\n[service]\nreload = true\nmain_interval = 0.25\nlog_format = "json"\n'
+        config = write(spawn, "svc.toml", text)
+        child = aiobus(spawn, "run", "--config", config)
+        child.wait_for("Autoreloader watching", timeout=WAIT)
+        child.wait_for('"report"', timeout=WAIT)
+        write(spawn, "svc.toml", text.replace("0.25", "0.5"))
+        child.wait_for('"report"', timeout=WAIT, count=2)
+        stop_cleanly(child)
+        events = child.events()
+        assert any(event["event"] == "Re-executing the process" for event in events)
+        assert [0.25, 0.5] == [event["interval"] for event in events if event["event"] == "report"]
 
     def test_a_procfile_runs_its_three_programs_and_sigterm_stops_them(self, spawn: Spawner) -> None:
         """Each line of a Procfile is a program: all three run, SIGTERM stops them with code 0, nothing left."""
