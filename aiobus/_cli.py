@@ -228,7 +228,7 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     if args.command == "check" or args.config is not None or args.procfile is not None:
         from ._config.commands import file_arguments
 
-        args, spec = file_arguments(parser, args)
+        args, spec = file_arguments(parser, args, sys.argv[1:] if argv is None else argv)
     elif args.target is None:
         parser.error("run needs TARGET, --config FILE or --procfile FILE")
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from typing import Any, NoReturn
 
 from .._bus import Bus
@@ -34,9 +35,11 @@ def add_file_arguments(commands: Any, run: argparse.ArgumentParser) -> None:
     required.add_argument("--procfile", metavar="FILE", help="a Procfile")
 
 
-def file_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[argparse.Namespace, ServiceSpec]:
+def file_arguments(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, argv: Sequence[str]
+) -> tuple[argparse.Namespace, ServiceSpec]:
     """Load the file that ``args`` names: the run's settings (the file's ``[service]`` under the flags
-    given) and the file's spec. ``aiobus check`` ends here, with its exit code.
+    given in ``argv``) and the file's spec. ``aiobus check`` ends here, with its exit code.
 
     Raises:
         SystemExit: after ``check``, or with code 2 and a line per problem if the file has any.
@@ -52,7 +55,7 @@ def file_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
         _exit(error.problems)
     if args.target is not None:
         spec.setup = args.target
-    return _merge(args, defaults, spec), spec
+    return _merge(args, defaults, spec, argv), spec
 
 
 def load_for_run(spec: ServiceSpec) -> Service:
@@ -106,11 +109,16 @@ def _load(args: argparse.Namespace) -> ServiceSpec:
     return load_service(args.config)
 
 
-def _merge(args: argparse.Namespace, defaults: dict[str, Any], spec: ServiceSpec) -> argparse.Namespace:
-    """``args`` with the file's ``[service]`` settings wherever no flag was given."""
+def _merge(
+    args: argparse.Namespace, defaults: dict[str, Any], spec: ServiceSpec, argv: Sequence[str] = ()
+) -> argparse.Namespace:
+    """``args`` with the file's ``[service]`` settings wherever no flag was given: a flag counts as given
+    if it is in ``argv`` (``--log-level`` for ``log_level``) or its value is not its default."""
     merged = argparse.Namespace(**vars(args))
     for name, value in spec.settings.items():
-        if getattr(args, name, None) == defaults.get(name):
+        flag = "--" + name.replace("_", "-")
+        given = any(arg == flag or arg.startswith(flag + "=") for arg in argv)
+        if not given and getattr(args, name, None) == defaults.get(name):
             setattr(merged, name, value)
     merged.target = spec.setup or spec.path
     merged.watch = spec.files  # with reload: a change to the file (or an env file) restarts the service

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from aiobus import Bus, ParentLink
+from aiobus import Bus, ParentLink, Priority
 
 
 async def worker(bus: Bus, link: ParentLink) -> None:
@@ -23,4 +23,4 @@ def setup(bus: Bus, children: dict[str, Any]) -> None:
         await jobs.send("warm the cache")
         bus.log("job answered", answer=await jobs.receive())
 
-    bus.subscribe("start", lambda: bus.start_soon(first_job), priority=90)
+    bus.subscribe("start", lambda: bus.start_soon(first_job), priority=Priority.START_CHILD_USERS)

@@ -37,10 +37,10 @@ def python3_on_path(spawn: Spawner) -> dict[str, str]:
     return {"PATH": f"{folder}{os.pathsep}{os.environ['PATH']}"}
 
 
-def readme_toml() -> str:
-    """The TOML block of the README's "Services in a file" section."""
+def readme_block(language: str) -> str:
+    """The first ``language`` block of the README's "Services in a file" section."""
     section = (ROOT / "README.md").read_text().split("## Services in a file", 1)[1]
-    return section.split("```toml\n", 1)[1].split("```", 1)[0]
+    return section.split(f"```{language}\n", 1)[1].split("```", 1)[0]
 
 
 def stop_cleanly(child: Child) -> None:
@@ -50,9 +50,10 @@ def stop_cleanly(child: Child) -> None:
 
 
 class TestTheReadmeExample:
-    def test_the_readme_shows_the_example_file_as_it_is(self) -> None:
-        """The README's example is examples/file_service/aiobus.toml, word for word."""
-        assert (EXAMPLE / "aiobus.toml").read_text() == readme_toml()
+    def test_the_readme_shows_the_example_files_as_they_are(self) -> None:
+        """The README's example is examples/file_service/aiobus.toml and jobs.py, word for word."""
+        assert (EXAMPLE / "aiobus.toml").read_text() == readme_block("toml")
+        assert (EXAMPLE / "jobs.py").read_text() == readme_block("python")
 
     @pytest.mark.skipif(sys.platform != "linux", reason="POSIX signals, /proc")
     def test_the_example_runs_serves_and_stops_cleanly_on_sigterm(self, spawn: Spawner) -> None:
@@ -110,19 +111,21 @@ class TestRunning:
         assert "env from-file from-env inherited" in child.wait_for("env from-", timeout=WAIT)
         stop_cleanly(child)
 
-    def test_a_flag_wins_over_the_file_and_the_file_over_the_default(self, spawn: Spawner) -> None:
-        """--stop-timeout given wins over the file's; the file's main_interval wins over the default."""
+    def test_a_flag_given_wins_over_the_file_and_the_file_over_the_default(self, spawn: Spawner) -> None:
+        """Flags given (even one equal to its default) win over the file; the file's pid_file is used."""
         write(spawn, "report.py", REPORT)
         config = write(
             spawn,
             "svc.toml",
-            'setup = "report:setup"\n[service]\nmain_interval = 0.25\nstop_timeout = 3\nlog_format = "json"\n',
+            'setup = "report:setup"\n[service]\nmain_interval = 0.25\nstop_timeout = 3\npid_file = "svc.pid"\n'
+            'log_format = "json"\n',
         )
-        child = aiobus(spawn, "run", "--config", config, "--stop-timeout", "7.5")
-        child.wait_for('"report"', timeout=WAIT)
+        child = aiobus(spawn, "run", "--config", config, "--stop-timeout", "7.5", "--main-interval=0.1")
+        child.wait_for('"Bus STARTED"', timeout=WAIT)
+        assert (spawn.directory / "svc.pid").read_text() == f"{child.pid}\n"
         stop_cleanly(child)
         [report] = [event for event in child.events() if event["event"] == "report"]
-        assert (0.25, 7.5) == (report["interval"], report["stop_timeout"])
+        assert (0.1, 7.5) == (report["interval"], report["stop_timeout"])
 
     def test_with_reload_a_change_to_the_file_restarts_the_service_which_reads_it_again(self, spawn: Spawner) -> None:
         """reload = true: writing the service file re-executes the process, which runs with the new values."""
