@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         epilog="Exit codes: the bus's (0 clean, 70 failure, 130 forced); 2 for a bad command line or target.",
     )
-    run.add_argument("target", metavar="TARGET", help="the setup function, as package.module:function")
+    run.add_argument("target", metavar="TARGET", nargs="?", help="the setup function, as package.module:function")
     run.add_argument("--pidfile", metavar="PATH", help="write the pid to PATH while running (PIDFile plugin)")
     run.add_argument("--user", metavar="USER", type=_id, help="switch to this user (name or uid) at start")
     run.add_argument("--group", metavar="GROUP", type=_id, help="switch to this group (default: the user's)")
@@ -133,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="seconds each shutdown step may take before it is cut short (default: no limit)",
     )
+    from ._config.commands import add_file_arguments
+
+    add_file_arguments(commands, run)
     return parser
 
 
@@ -179,7 +182,7 @@ def make_plugins(bus: Bus, args: argparse.Namespace) -> list[SimplePlugin]:
     if args.user is not None or args.group is not None or args.umask is not None:
         plugins.append(DropPrivileges(bus, uid=args.user, gid=args.group, umask=args.umask))
     if args.reload:
-        plugins.append(Autoreloader(bus))
+        plugins.append(Autoreloader(bus, getattr(args, "watch", None)))  # a service file's files too
     return plugins
 
 
@@ -219,7 +222,15 @@ def _fail(message: str) -> NoReturn:
 
 def main(argv: Sequence[str] | None = None) -> NoReturn:
     """The ``aiobus`` console script (and ``python -m aiobus``): always ends with SystemExit."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    spec = None
+    if args.command == "check" or args.config is not None or args.procfile is not None:
+        from ._config.commands import file_arguments
+
+        args, spec = file_arguments(parser, args, sys.argv[1:] if argv is None else argv)
+    elif args.target is None:
+        parser.error("run needs TARGET, --config FILE or --procfile FILE")
     try:
         make_plugins(Bus(), args)  # check the flags' values before anything runs
     except ImportError as error:
@@ -229,7 +240,7 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     configure_logging(format=args.log_format, level=_LEVELS[args.log_level])
     try:
         try:
-            setup = load_target(args.target)
+            setup = load_target(args.target) if spec is None else _file_setup(spec)
         except TargetError as error:
             _fail(str(error))
         except Exception:
@@ -238,3 +249,10 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
         raise SystemExit(anyio.run(serve, setup, args))
     except KeyboardInterrupt:
         raise SystemExit(EX_INTERRUPTED) from None
+
+
+def _file_setup(spec: Any) -> Callable[..., Any]:
+    """The setup of a service file (``--config``, ``--procfile``): its objects, then its own setup."""
+    from ._config.commands import load_for_run
+
+    return load_for_run(spec)
