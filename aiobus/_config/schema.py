@@ -133,6 +133,15 @@ def port(value: int) -> int:
     return value
 
 
+def port_or_template(value: int | str) -> int | str:
+    """A port, or a template for a program's instances (such as ``"{port}"``)."""
+    if isinstance(value, str):
+        if "{" not in value:
+            raise ValueError(f'expected a TCP port or a template such as "{{port}}", got {value!r}')
+        return value
+    return port(value)
+
+
 def signal_number(value: str) -> int:
     """``"SIGTERM"``, ``"TERM"`` or ``"term"``: the signal's number."""
     bare = value.upper().removeprefix("SIG")
@@ -286,7 +295,16 @@ PROGRAM = Section(
         Key("ready", TABLE, 'a readiness check: `{ port = 8000 }` or `{ line = "regex" }`', "none"),
         Key("ready_timeout", NUMBER, "seconds the readiness check may take", "30", "ready_timeout", seconds),
         Key("max_line", INTEGER, "the longest line of output kept, in bytes", "65536", "max_line", positive),
-        Key("instances", INTEGER, "copies of the program", pending="program instances have not landed"),
+        Key(
+            "instances",
+            INTEGER,
+            "N copies, `NAME[0]`...: `{index}`, `{name}` and `{port}` (with `base_port`) are filled in their "
+            "command, env, cwd and ready port",
+            "one",
+            "instances",
+            positive,
+        ),
+        Key("base_port", INTEGER, "with `instances`: `{port}` is this plus the copy's index", "", convert=port),
         Key("liveness", TABLE, "a liveness check", pending="liveness checks have not landed"),
         Key("reload_signal", STRING, "the signal sent on graceful", pending="reload signals have not landed"),
         Key("significant", BOOLEAN, "its end ends the service", pending="significant children have not landed"),
@@ -297,7 +315,14 @@ READY = Section(
     "[programs.NAME.ready]",
     "A readiness check (`PortReady` or `LineReady`): give `port` or `line`.",
     (
-        Key("port", INTEGER, "ready once this TCP port answers and belongs to the program", "", "port", port),
+        Key(
+            "port",
+            STRING_OR_INTEGER,
+            'ready once this TCP port answers and belongs to the program (with instances, may be `"{port}"`)',
+            "",
+            "port",
+            port_or_template,
+        ),
         Key("host", STRING, "the address the port is checked on (with `port`)", '"127.0.0.1"', "host", non_empty),
         Key("interval", NUMBER, "seconds between two tries (with `port`)", "0.05", "interval", positive_seconds),
         Key("line", STRING, "ready once a line of output matches this regular expression", "", "pattern"),
@@ -326,7 +351,14 @@ BROKER = Section(
             positive_seconds,
         ),
         Key("main_interval", NUMBER, "the child's main interval", "the parent's", "main_interval", positive_seconds),
-        Key("workers", INTEGER, "a pool of processes", pending="broker pools have not landed"),
+        Key(
+            "workers",
+            INTEGER,
+            "a pool of N processes, `NAME[0]`..., each message to the least busy",
+            "one process",
+            "workers",
+            positive,
+        ),
         Key("significant", BOOLEAN, "its end ends the service", pending="significant children have not landed"),
     ),
 )

@@ -6,6 +6,7 @@ line each, naming the file, the table and key, or the line), and no spec.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shlex
@@ -231,6 +232,11 @@ def _program(
         checker.problem(where, "missing required key 'command' (or 'argv')")
     if "ready" in values:
         child.ready = _ready(checker, values["ready"], f"[programs.{name}.ready]")
+    if "base_port" in values:
+        if "instances" not in values:
+            checker.problem(where, "goes with instances", "base_port")
+        base = values["base_port"]
+        child.kwargs["names"] = functools.partial(_port_names, base)
     if "env" in values or "env_file" in values:
         env = dict(environ)
         files = values.get("env_file", [])
@@ -243,6 +249,10 @@ def _program(
         env.update(values.get("env", {}))
         child.kwargs["env"] = env
     return child
+
+
+def _port_names(base: int, index: int) -> dict[str, object]:
+    return {"port": base + index}
 
 
 def _ready(checker: _Checker, table: Mapping[str, Any], where: str) -> tuple[str, dict[str, Any]] | None:

@@ -97,6 +97,28 @@ class TestValidFiles:
         assert ("rest_for_one", 7) == (web.supervisor.strategy, web.supervisor.max_restarts)
         assert log.supervisor is None  # it joins the bus's default group when subscribed
 
+    def test_instances_and_pools_are_made_as_declared(self, tmp_path: Path) -> None:
+        """instances with base_port fill {port}, {index} and the ready port; workers make a pool."""
+        spec = spec_of(
+            tmp_path,
+            "[programs.web]\ncommand = 'web --port {port} --id {index}'\ninstances = 2\nbase_port = 9000\n"
+            "ready = { port = '{port}' }\n[brokers.jobs]\ntarget = 'x:y'\nworkers = 3\n",
+        )
+        children = build(Bus(), Service(spec, functions={"jobs": worker}), subscribe=False)
+        web, jobs = children["web"], children["jobs"]
+        assert isinstance(web, Subprocess) and isinstance(jobs, ChildBroker)
+        assert [["web", "--port", "9000", "--id", "0"], ["web", "--port", "9001", "--id", "1"]] == [
+            member.argv for member in web.members
+        ]
+        assert [PortReady(9000), PortReady(9001)] == [member.ready for member in web.members]
+        assert ["jobs[0]", "jobs[1]", "jobs[2]"] == [member.name for member in jobs.members]
+
+    def test_base_port_without_instances_is_a_problem(self, tmp_path: Path) -> None:
+        """base_port alone names what it goes with."""
+        assert ["svc.toml: [programs.web] base_port: goes with instances"] == problems(
+            tmp_path, "[programs.web]\ncommand = 'x'\nbase_port = 9000\n"
+        )
+
 
 async def worker(bus: Bus, link: Any) -> None:
     """A broker's function for the tests."""
