@@ -5,13 +5,16 @@
 This process is the parent. In one run, one after another:
 
 1. baseline: 2N bare Python interpreters (``python -c``, each ready once it prints a line) are started
-   one after another, measured (RSS and PSS from /proc/<pid>/smaps_rollup), then killed;
+   two at a time (the floor on a 2-core machine), measured (RSS and PSS from /proc/<pid>/smaps_rollup),
+   then killed;
 2. baseline: a started ``Bus`` with no child idles for S seconds (5 by default): the parent's CPU;
-3. a ``Bus`` (the default main interval, 0.1 s, unless --main-interval) with N ``ChildBroker``s
-   (64 by default; each awaits its link until stopped) and N ``Subprocess`` programs (a sleeping
-   Python): the time ``bus.start()`` takes (every child ready), then, after a second to settle,
-   the parent's CPU over S idle seconds (target: under 2% of a core) and what the children use
-   meanwhile, the memory of each kind of process, and the time ``bus.exit()`` takes to stop them all.
+3. a ``Bus`` (the default main interval, 0.1 s, unless --main-interval) with a pool of N child
+   brokers (``ChildBroker(..., workers=N)``, 64 by default; each awaits its link until stopped) and
+   N instances of a program (``Subprocess(..., instances=N)``, a sleeping Python): the time
+   ``bus.start()`` takes (every child ready), then, after a second to settle, the CPU of the whole
+   tree over S idle seconds (target: under 3% of a core), the memory of each kind of process, and
+   the time ``bus.exit()`` takes to stop them all.
+4. ``python -X importtime -c "import aiobus"``: the cumulative import time of aiobus (the best of 5).
 
 CPU is ``resource.getrusage(RUSAGE_SELF)`` (this process only, every thread) over the wall time,
 as a percentage of one core; the children's from /proc/<pid>/stat. A child broker's main ticks are its
@@ -26,6 +29,7 @@ import cProfile
 import logging
 import os
 import pstats
+import re
 import resource
 import subprocess
 import sys
@@ -73,11 +77,12 @@ def bare_interpreters(count: int) -> Bare:
     processes: list[subprocess.Popen[bytes]] = []
     try:
         started = time.perf_counter()
-        for _ in range(count):
-            process = subprocess.Popen(command, stdout=subprocess.PIPE)
-            processes.append(process)
-            assert process.stdout is not None
-            process.stdout.readline()
+        for _ in range(0, count, 2):
+            pair = [subprocess.Popen(command, stdout=subprocess.PIPE) for _ in range(2)]
+            processes += pair
+            for process in pair:
+                assert process.stdout is not None
+                process.stdout.readline()
         figures = Bare(start=time.perf_counter() - started)
         figures.rss, figures.pss = mean_memory([process.pid for process in processes])
         return figures
@@ -135,12 +140,11 @@ async def with_children(
     async with Bus(main_interval=interval) as bus:
         bus.unsubscribe("log", log_to_structlog)  # count the lines instead
         bus.subscribe("log", count_lines)
-        brokers = [ChildBroker(bus, f"broker-{i}", broker, main_interval=child_interval) for i in range(count)]
-        programs = [Subprocess(bus, f"program-{i}", SLEEPER) for i in range(count)]
-        for each in brokers:
-            each.subscribe()
-        for program in programs:
-            program.subscribe()
+        pool = ChildBroker(bus, "broker", broker, main_interval=child_interval, workers=count)
+        instances = Subprocess(bus, "program", SLEEPER, instances=count)
+        pool.subscribe()
+        instances.subscribe()
+        brokers, programs = pool.members, instances.members
         started = time.perf_counter()
         await bus.start()
         figures.start = time.perf_counter() - started
@@ -180,6 +184,19 @@ async def with_children(
     return figures
 
 
+def import_time() -> float:
+    """Seconds of ``import aiobus`` in a fresh interpreter (cumulative, from -X importtime), the best of 5."""
+    best = float("inf")
+    for _ in range(5):
+        done = subprocess.run(
+            [sys.executable, "-X", "importtime", "-c", "import aiobus"], capture_output=True, text=True, check=True
+        )
+        found = re.search(r"^import time:\s+\d+ \|\s+(\d+) \| aiobus$", done.stderr, re.MULTILINE)
+        assert found is not None, done.stderr[-500:]
+        best = min(best, int(found[1]) / 1e6)
+    return best
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--children", type=int, default=64, help="child brokers, and as many programs")
@@ -190,14 +207,19 @@ def main() -> None:
     args = parser.parse_args()
     n = args.children
 
+    imports = import_time()
     bare = bare_interpreters(2 * n)
     bare_cpu = anyio.run(bare_bus_idle, args.idle, args.main_interval)
     scale = anyio.run(with_children, n, args.idle, args.main_interval, args.child_interval, args.profile > 0)
 
     brokers = scale.started.get("broker", 0.0)
     rows: list[Sequence[object]] = [
-        [f"start {2 * n} bare interpreters, one by one (baseline)", f"{bare.start:.2f} s", 1.0],
-        [f"bus.start() with {n} brokers + {n} programs", f"{scale.start:.2f} s", scale.start / bare.start],
+        [f"start {2 * n} bare interpreters, two at a time (baseline)", f"{bare.start:.2f} s", 1.0],
+        [
+            f"bus.start() with a pool of {n} brokers + {n} program instances",
+            f"{scale.start:.2f} s",
+            scale.start / bare.start,
+        ],
         ["  per child", f"{scale.start / (2 * n) * 1e3:.1f} ms", ""],
         ["  per broker (they start first)", f"{brokers / n * 1e3:.1f} ms", ""],
         ["  per program", f"{(scale.start - brokers) / n * 1e3:.1f} ms", ""],
@@ -210,6 +232,7 @@ def main() -> None:
         ["bus with no child (baseline)", bare_cpu * 100, 1.0],
         [f"parent with {n} brokers + {n} programs", scale.parent_cpu * 100, scale.parent_cpu / bare_cpu],
         [f"  all {3 * n} child processes together", scale.children_cpu * 100, ""],
+        ["  the whole tree", (scale.parent_cpu + scale.children_cpu) * 100, ""],
     ]
     title = f"idle CPU over {args.idle:g} s, main interval {args.main_interval:g} s"
     if args.child_interval is not None:
@@ -223,9 +246,15 @@ def main() -> None:
     rows.append([f"parent: RSS {scale.parent_rss_after:.1f} MiB, growth per child", growth, "", ""])
     write_table(["memory, mean per process", "RSS MiB", "PSS MiB", "PSS ratio"], rows)
 
+    tree = scale.parent_cpu + scale.children_cpu
+    broker_pss = scale.memory["child broker"][1]
     sys.stdout.write(
-        f"target: parent's idle CPU with {n} brokers + {n} programs under 2% of a core: "
-        f"{scale.parent_cpu * 100:.2f}% ({verdict(scale.parent_cpu < 0.02)}); "
+        f"\nimport aiobus: {imports * 1e3:.1f} ms (target under 40 ms: {verdict(imports < 0.040)})\n"
+        f"target: all ready within 4 s and 3x the bare floor: {scale.start:.2f} s, "
+        f"{scale.start / bare.start:.1f}x ({verdict(scale.start <= 4 and scale.start <= 3 * bare.start)})\n"
+        f"target: stopping them all within 1 s: {scale.stop:.2f} s ({verdict(scale.stop <= 1)})\n"
+        f"target: a broker's PSS at most 12 MiB: {broker_pss:.1f} MiB ({verdict(broker_pss <= 12)})\n"
+        f"target: the whole tree's idle CPU under 3% of a core: {tree * 100:.2f}% ({verdict(tree < 0.03)}); "
         f"{scale.log_lines} log lines in the idle window\n"
     )
     for line in scale.warnings[:10]:
