@@ -22,7 +22,7 @@ from ._channels import (
     is_async_callable,
     resolve_priority,
 )
-from ._logging import log_to_structlog
+from ._logging import log_to_structlog, write_line
 from ._reexec import reexec
 from ._state import State, StateError
 from ._tasks import TaskKeeper
@@ -265,7 +265,8 @@ class Bus:
 
         Works from sync and async code alike. With ``traceback=True`` the exception
         being handled goes along as the ``traceback`` field (formatted text). A failing
-        log listener is reported on standard error and the others still run.
+        log listener is reported on standard error (if it can be written) and the others
+        still run: logging never raises.
         """
         if traceback:
             exc = sys.exception()
@@ -281,9 +282,8 @@ class Bus:
                     raise TypeError("a log listener returned an awaitable: log listeners must be sync")
             except Exception as exc:
                 self._failures["log"] = self._failures.get("log", 0) + 1
-                sys.stderr.write(
-                    f"aiobus: log listener {listener.name} failed on {msg!r}:\n" + "".join(format_exception(exc))
-                )
+                report = f"aiobus: log listener {listener.name} failed on {msg!r}:\n" + "".join(format_exception(exc))
+                write_line(sys.stderr, report.rstrip("\n"))
 
     # -- state ------------------------------------------------------------------------
 
