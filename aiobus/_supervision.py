@@ -552,7 +552,7 @@ class Supervisor(SimplePlugin):
         child.started_at = time.monotonic()
         incarnation = self._incarnations[id(child)] = self._incarnations.get(id(child), 0) + 1
         watched = self._watches[id(child)] = anyio.Event()
-        self.bus.log(f"Child {child.name} started", child=child.name, kind=child.kind, pid=child.pid)
+        self.bus.log(f"Child {child.name} started", child=child.name, child_pid=child.pid, kind=child.kind)
         self.bus.start_soon(self._watch, child, incarnation, watched, name=f"aiobus watch {child.name}")
 
     async def _watch(self, child: Child, incarnation: int, watched: anyio.Event) -> None:
@@ -612,7 +612,7 @@ class Supervisor(SimplePlugin):
             message or f"Child {child.name} ended: {exit.reason}",
             level,
             child=child.name,
-            pid=exit.pid,
+            child_pid=exit.pid,
             exit_code=exit.exit_code,
             signal=exit.signal,
             reason=exit.reason,

@@ -128,8 +128,8 @@ class Subprocess(Child):
     """An external program run along with the bus: started at its start, stopped at its stop.
 
     Its output is read line by line, as it comes, into log events (``bus.log``) with the
-    fields ``program`` (its name), ``pid`` and ``stream`` (``"stdout"`` or ``"stderr"``):
-    both pipes are always read, a last line without a newline is kept, a line longer than
+    fields ``child`` (its name), ``child_pid`` and ``stream`` (``"stdout"`` or ``"stderr"``),
+    as a child broker's output: both pipes are always read, a last line without a newline is kept, a line longer than
     ``max_line`` bytes is cut with a marker (``… [cut: N bytes]``), and bytes that are not
     UTF-8 are replaced.
 
@@ -525,7 +525,7 @@ class Subprocess(Child):
 
     def _emit(self, run: _Run, stream: str, line: str) -> None:
         run.tail.append(line)
-        self.bus.log(line, logging.INFO, program=self.name, pid=run.pid, stream=stream)
+        self.bus.log(line, logging.INFO, child=self.name, child_pid=run.pid, stream=stream)
         ready = self.ready
         if isinstance(ready, LineReady) and ready.stream in (None, stream) and ready.regex.search(line):
             run.line_seen.set()

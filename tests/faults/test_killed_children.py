@@ -63,7 +63,7 @@ class Watch:
 
     def on_log(self, msg: str, level: int, **fields: Any) -> None:
         if msg == f"Child {NAME} started":
-            self.started.append(int(fields["pid"]))
+            self.started.append(int(fields["child_pid"]))
             self.notify()
 
     def on_exit(self, exit: ChildExit) -> None:

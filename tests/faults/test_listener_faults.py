@@ -121,7 +121,7 @@ def event(child: Child, text: str) -> dict[str, Any]:
 
 
 def child_pids(child: Child) -> list[int]:
-    return [int(found["pid"]) for found in child.events() if str(found.get("event")) == "Child echo started"]
+    return [int(found["child_pid"]) for found in child.events() if str(found.get("event")) == "Child echo started"]
 
 
 def sigterm_when_started(child: Child) -> None:

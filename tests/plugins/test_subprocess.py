@@ -23,6 +23,7 @@ from helpers import LogRecord, LogRecorder
 from processes import Spawner, alive
 
 from aiobus import Bus, ChannelFailures, State, log_to_structlog
+from aiobus._logging import render_line
 from aiobus._supervision import ChildExit, ChildState, Supervisor, default_supervisor
 from aiobus.plugins.subprocess import LineReady, PortReady, Subprocess
 
@@ -90,10 +91,12 @@ def script(where: Path, name: str, code: str) -> list[str]:
 
 
 def lines(records: list[LogRecord], program: str, stream: str | None = None) -> list[str]:
+    """What ``program`` wrote (on ``stream``, if given), not the supervisor's lines about it."""
     return [
         r.msg
         for r in records
-        if r.fields.get("program") == program and (stream is None or r.fields.get("stream") == stream)
+        if r.fields.get("child") == program
+        and r.fields.get("stream") in ((stream,) if stream else ("stdout", "stderr"))
     ]
 
 
@@ -223,7 +226,20 @@ class TestOutput:
         assert exit.exit_code == 0
         assert lines(recorder.records, "chatty", "stdout") == [f"out {i}" for i in range(count)] + ["last out"]
         assert lines(recorder.records, "chatty", "stderr") == [f"err {i}" for i in range(count)] + ["last err"]
-        assert {r.fields["pid"] for r in recorder.records if r.fields.get("program") == "chatty"} == {exit.pid}
+        assert {r.fields["child_pid"] for r in recorder.records if r.fields.get("child") == "chatty"} == {exit.pid}
+
+    async def test_a_programs_lines_are_named_as_a_child_brokers(self, where: Path) -> None:
+        """A program's line carries child=<name> and child_pid=<pid>, as a child broker's, and its console line
+        shows the program's name in the name column."""
+        async with quiet_bus() as (bus, recorder, exits):
+            Subprocess(bus, "redis", script(where, "redis", "print('ready')\n"), restart="temporary").subscribe()
+            await bus.start()
+            [exit] = await exits.wait_for()
+        [line] = [r for r in recorder.records if r.msg == "ready"]
+        assert {"child": "redis", "child_pid": exit.pid, "stream": "stdout"} == line.fields
+        [started] = recorder.matching("Child redis started")
+        assert ("redis", exit.pid) == (started.fields["child"], started.fields["child_pid"])
+        assert render_line(None, "info", {"event": "ready", **line.fields}).startswith("[] Redis      INFO     ready")
 
     async def test_long_line_is_cut_with_a_marker(self, where: Path) -> None:
         """A line longer than max_line keeps its first max_line bytes and says how many were cut."""
@@ -471,7 +487,7 @@ class TestSupervisingProcess:
         child.wait_for("sleeper up", timeout=WAIT)
         child.wait_for("grandchild", timeout=WAIT, count=2)
         child.wait_for("Bus STARTED", timeout=WAIT)
-        pids = [e["pid"] for e in child.events() if "program" in e]
+        pids = [e["child_pid"] for e in child.events() if "stream" in e]  # the programs' lines
         pids += [int(e["event"].split()[1]) for e in child.events() if e["event"].startswith("grandchild")]
         assert len(marked(mark)) >= 6  # two launchers, two programs, two grandchildren
         child.send(signal.SIGKILL)
