@@ -129,7 +129,7 @@ class TestRunning:
         child = run(spawn, "run", "svc:setup", "--log-format", "json")
         child.wait_for('"svc tick"', timeout=WAIT)
         stop_cleanly(child)
-        assert "Caught SIGTERM" in [event["event"] for event in child.events()]
+        assert "Caught SIGTERM: exiting" in [event["event"] for event in child.events()]
 
     def test_an_async_setup_is_awaited_and_stop_timeout_reaches_the_bus(self, spawn: Spawner) -> None:
         """An async setup is awaited (its start listener runs) and --stop-timeout is the bus's."""

@@ -22,6 +22,8 @@ TRANSITIONS = ("start", "stop", "graceful", "exit", "restart")
 #: Exit code after a second Ctrl-C forced the shutdown (128 + SIGINT).
 FORCED_EXIT_CODE = 130
 _UNCATCHABLE = {signal.SIGKILL, signal.SIGSTOP}
+#: What a signal handled by a transition does, as its log line says it: ``Caught SIGUSR1: graceful``.
+_DOING = {"start": "starting", "stop": "stopping", "graceful": "graceful", "exit": "exiting", "restart": "restarting"}
 
 
 def parse_signal(spec: SignalSpec) -> signal.Signals:
@@ -72,7 +74,9 @@ class SignalHandler:
     bus's transition of that name; any other name is published on the bus. A
     callable is called with the signal number if it takes an argument, else with
     none, and awaited if it returns an awaitable. Handlers run in tasks of their own,
-    so signals keep being read while an exit runs. Every caught signal is logged.
+    so signals keep being read while an exit runs. Every caught signal is logged with
+    what it does: ``Caught SIGUSR1: graceful``, ``Caught SIGHUP: restarting (no
+    controlling terminal)``, ``Caught SIGUSR2: publishing orders``.
 
     Signals are received from :meth:`subscribe` (or from the bus's start, if the bus
     was not yet entered) until the bus's tasks end or :meth:`unsubscribe`; then the
@@ -98,6 +102,10 @@ class SignalHandler:
                 raise TypeError(f"the handler of {spec!r} must be a channel name or callable, not {handler!r}")
             table[parse_signal(spec)] = handler
         self.handlers: dict[signal.Signals, Handler] = {sig: h for sig, h in table.items() if h is not None}
+        #: Why a default handler was chosen, said in the log line of its signal.
+        self._why: dict[signal.Signals, str] = {}
+        if not any(parse_signal(spec) is signal.SIGHUP for spec in handlers or {}):
+            self._why[signal.SIGHUP] = "a controlling terminal" if self.has_terminal else "no controlling terminal"
         self._scope: anyio.CancelScope | None = None
         self._restored = anyio.Event()
         self._restored.set()
@@ -160,7 +168,13 @@ class SignalHandler:
             return
         handler = self.handlers[sig]
         action = handler if isinstance(handler, str) else getattr(handler, "__qualname__", repr(handler))
-        self.bus.log(f"Caught {sig.name}", signal=sig.name, action=action)
+        if not isinstance(handler, str):
+            doing = f"calling {action}"
+        else:
+            doing = _DOING.get(handler, f"publishing {handler}")
+        if sig in self._why:
+            doing += f" ({self._why[sig]})"
+        self.bus.log(f"Caught {sig.name}: {doing}", signal=sig.name, action=action)
         if handler in ("exit", "restart"):
             self._exiting = True
         self.bus.start_soon(self._run_handler, handler, sig, name=f"aiobus {sig.name} handler")

@@ -78,7 +78,7 @@ class TestDefaults:
         assert child.wait() == 0, child.output
         child.assert_nothing_left()
         events = [event["event"] for event in child.events()]
-        assert f"Caught {signal.Signals(sig).name}" in events
+        assert f"Caught {signal.Signals(sig).name}: exiting" in events
         assert events.index("Bus STOPPING") < events.index("exit listener ran") < events.index("Bus EXITING") + 2
 
     def test_the_exit_code_is_the_buss(self, spawn: Spawner) -> None:
@@ -118,6 +118,7 @@ class TestDefaults:
         child = start_service(spawn, backend=backend)
         child.send(signal.SIGUSR1)
         child.wait_for("graceful ran")
+        assert "Caught SIGUSR1: graceful" in [event["event"] for event in child.events()]
         assert child.proc.poll() is None
         child.send(signal.SIGTERM)
         assert child.wait() == 0
@@ -129,6 +130,7 @@ class TestDefaults:
         child.send(signal.SIGHUP)
         child.wait_for("incarnation 1")
         child.wait_for("Receiving signals", count=2)
+        assert "Caught SIGHUP: restarting (no controlling terminal)" in [event["event"] for event in child.events()]
         assert child.proc.poll() is None  # the same pid, re-executed
         child.send(signal.SIGTERM)
         assert child.wait() == 0, child.output
@@ -146,7 +148,7 @@ class TestDefaults:
             os.close(slave)
             os.close(master)
         assert "incarnation 1" not in child.output
-        assert "Caught SIGHUP" in child.output
+        assert "Caught SIGHUP: exiting (a controlling terminal)" in [event["event"] for event in child.events()]
 
 
 class TestCustomHandlers:
@@ -166,10 +168,16 @@ class TestCustomHandlers:
         child = start_service(spawn, "custom")
         child.send(signal.SIGUSR2)
         child.wait_for("orders published")
+        child.send(signal.SIGUSR1)
+        child.wait_for("callable got")
         child.send(signal.SIGTERM)
         assert child.wait() == 0
-        caught = [(e["signal"], e["action"]) for e in child.events() if e["event"].startswith("Caught")]
-        assert caught == [("SIGUSR2", "orders"), ("SIGTERM", "exit")]
+        caught = [(e["event"], e["signal"], e["action"]) for e in child.events() if e["event"].startswith("Caught")]
+        assert caught == [
+            ("Caught SIGUSR2: publishing orders", "SIGUSR2", "orders"),
+            ("Caught SIGUSR1: calling main.<locals>.<lambda>", "SIGUSR1", "main.<locals>.<lambda>"),
+            ("Caught SIGTERM: exiting", "SIGTERM", "exit"),
+        ]
 
     def test_none_removes_a_default(self) -> None:
         """Mapping a signal to None leaves it alone."""
