@@ -675,12 +675,14 @@ class Supervisor(SimplePlugin):
             async with anyio.create_task_group() as group:
                 for child in children:
                     group.start_soon(self._stop_child, child, budget)
+            self._report_killed(children)
         finally:
             done.set()
 
     async def _stop_forced(self) -> None:
         """End every child still running within FORCED_BUDGET, all together, and wait for their exits to be
-        recorded, at most FORCED_BUDGET + FORCED_WAIT seconds (the caller shields it)."""
+        recorded, at most FORCED_BUDGET + FORCED_WAIT seconds (the caller shields it); then log one line
+        naming those it had to kill."""
         self._forcing = True
         pending = [child for child in reversed(self._children) if self._running(child)]
         if pending:
@@ -696,6 +698,7 @@ class Supervisor(SimplePlugin):
             async with anyio.create_task_group() as group:
                 for child in pending:
                     group.start_soon(functools.partial(self._stop_child, child, FORCED_BUDGET, shield=False))
+        self._report_killed(pending)
         missing = [child.name for child in pending if self._running(child)]
         if missing:
             self.bus.log(
@@ -704,6 +707,14 @@ class Supervisor(SimplePlugin):
                 logging.ERROR,
                 children=missing,
             )
+
+    def _report_killed(self, children: list[Child]) -> None:
+        """After a stop cut short: one line naming the children it had to kill, with their pids (if any)."""
+        ended = [child.last_exit for child in children if not self._running(child) and child.last_exit is not None]
+        killed = {exit.name: exit.pid for exit in ended if exit.signal == "SIGKILL"}
+        if killed:
+            said = ", ".join(f"{name} (pid {pid})" for name, pid in killed.items())
+            self.bus.log(f"Children killed as the stop was cut short: {said}", logging.WARNING, killed=killed)
 
     async def _supervise(
         self, scope: anyio.CancelScope, send: MemoryObjectSendStream[_Exit], exits: MemoryObjectReceiveStream[_Exit]

@@ -87,6 +87,9 @@ class TestCutShortShutdown:
             assert "after SIGTERM" in reasons[name] and "SIGKILL" in reasons[name], reasons
             assert "10 s" not in reasons[name] and "5 s after" not in reasons[name], reasons  # not the full kill_after
         assert reasons["broker"] == "exited", reasons  # it stops well within the time it got
+        started = {event["child"]: event["child_pid"] for event in service.events() if "kind" in event}
+        [killed] = [event["killed"] for event in service.events() if "killed" in event]
+        assert {name: started[name] for name in ("web", "nats", "redis")} == killed, service.output
         assert code in (0, 70), service.output
         service.assert_nothing_left()
 

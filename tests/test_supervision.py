@@ -491,6 +491,8 @@ class TestCutShortStops:
         assert took < WAIT / 2
         [together] = watcher.log.matching("together")
         assert together.level == logging.WARNING and together.fields["children"] == ["c", "b", "a"]
+        [killed] = watcher.log.matching("Children killed as the stop was cut short")
+        assert killed.fields["killed"] == {exit.name: exit.pid for _, exit in watcher.exits}
         assert all(len(child.budgets) >= 1 and (child.budgets[0] or 0) < 1 for child in children)
         self.assert_truths(where, watcher, children)
 
@@ -509,6 +511,18 @@ class TestCutShortStops:
         assert forced.fields["children"] == ["c", "b", "a"]
         assert [child.budgets for child in children] == [[FORCED_BUDGET], [FORCED_BUDGET], [None, FORCED_BUDGET]]
         self.assert_truths(where, watcher, children)
+
+    async def test_a_forced_stop_names_the_children_it_killed_with_their_pids(self, where: Path) -> None:
+        """After a force_exit, one warning lists every child that had to be killed, with its pid."""
+        async with trappers(where, "ab") as (bus, watcher, children):
+            pids = {child.name: child.pid for child in children}
+            async with anyio.create_task_group() as group:
+                group.start_soon(bus.exit)
+                await watcher.log.wait_for("Sent SIGTERM to b", WAIT)
+                bus.force_exit(130)
+        [summary] = watcher.log.matching("Children killed as the stop was cut short")
+        assert (logging.WARNING, {"b": pids["b"], "a": pids["a"]}) == (summary.level, summary.fields["killed"])
+        assert summary.msg.endswith(f": b (pid {pids['b']}), a (pid {pids['a']})")
 
     async def test_children_whose_stop_never_ran_are_asked_and_recorded_as_the_tasks_end(self, where: Path) -> None:
         """A stop listener hanging before the children's turn: as the bus's tasks end, each child still gets
