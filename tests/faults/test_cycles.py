@@ -119,8 +119,29 @@ class Warnings:
             self.records.append((msg, fields))
 
 
-async def cycles(count: int, folder: Path, temp_dir: Path, tasks: Callable[[], set[Any]]) -> dict[str, int]:
-    """Run ``count`` start/stop cycles, a message to the child and back in each, then exit."""
+@pytest.fixture
+def progress(request: pytest.FixtureRequest) -> Callable[[str], None]:
+    """Show a line on the terminal now, even while pytest captures the test's output."""
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+
+    def show(line: str) -> None:
+        if reporter is None or capture is None:
+            return
+        with capture.global_and_fixture_disabled():
+            reporter.write_line(line)
+            reporter.flush()  # a terminal shows it at once; a pipe or a file too
+
+    return show
+
+
+async def cycles(
+    count: int, folder: Path, temp_dir: Path, tasks: Callable[[], set[Any]], progress: Callable[[str], None]
+) -> dict[str, int]:
+    """Run ``count`` start/stop cycles, a message to the child and back in each, then exit.
+
+    Every tenth of the way, ``progress`` is told how many cycles are done.
+    """
     tasks_before = tasks()
     assert tempfile.gettempdir() == str(temp_dir)  # where each child's private rendezvous is made
     warnings = Warnings()
@@ -161,6 +182,8 @@ async def cycles(count: int, folder: Path, temp_dir: Path, tasks: Callable[[], s
                 tasks_after_first = len(tasks())
             else:  # the bus keeps what it kept after the first cycle, nothing more
                 assert len(tasks()) == tasks_after_first, (cycle, tasks())
+            if (cycle + 1) % max(1, count // 10) == 0:
+                progress(f"  start/stop cycles: {cycle + 1} of {count} done")
         await bus.exit()
     assert not pidfile.exists()
     assert bus.exit_code == 0 and not warnings.records, warnings.records
@@ -196,7 +219,9 @@ def trio_tasks() -> set[Any]:
 
 
 @pytest.mark.parametrize(("backend", "count"), [("asyncio", CYCLES), ("trio", 20)])
-def test_start_stop_cycles_leave_nothing(tmp_path: Path, temp_dir: Path, backend: str, count: int) -> None:
+def test_start_stop_cycles_leave_nothing(
+    tmp_path: Path, temp_dir: Path, progress: Callable[[str], None], backend: str, count: int
+) -> None:
     """A bus with SignalHandler, PIDFile, Monitor, SystemdNotifier and a child broker, started
     and stopped ``count`` times, leaves no task, thread, descriptor, process or temporary file.
 
@@ -205,7 +230,7 @@ def test_start_stop_cycles_leave_nothing(tmp_path: Path, temp_dir: Path, backend
     """
     before = Snapshot.take(temp_dir)
     tasks = asyncio_tasks if backend == "asyncio" else trio_tasks
-    result = anyio.run(cycles, count, tmp_path, temp_dir, tasks, backend=backend)
+    result = anyio.run(cycles, count, tmp_path, temp_dir, tasks, progress, backend=backend)
     assert result["children"] == count
     left = settled(before, temp_dir)
     assert not left, f"left after {count} cycles: {left}"
