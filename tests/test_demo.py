@@ -80,13 +80,15 @@ def test_bad_arguments_are_usage_errors(spawn: Spawner, arguments: list[str]) ->
 
 
 def test_lines_read_as_in_the_article(spawn: Spawner) -> None:
-    """Console lines: [time] Bank    INFO  Placing order: ... and [time] Broker  INFO  ... order placed for ..."""
+    """Console lines read [time] Bank       INFO     Placing order: ... and [time] Broker     INFO     ...
+    order placed for ..., the messages in one column."""
     demo = spawn.run([sys.executable, str(DEMO), "--interval", "0.05", "--duration", "1"])
     assert demo.wait() == 0, demo.output
     bank = next(line for line in demo.output.splitlines() if "Placing order" in line)
     broker = next(line for line in demo.output.splitlines() if "order placed for" in line)
-    assert bank.startswith("[") and "] Bank    INFO  Placing order: " in bank
-    assert "] Broker  INFO  " in broker
+    assert bank.startswith("[") and "] Bank       INFO     Placing order: " in bank
+    assert "] Broker     INFO     " in broker
+    assert bank.index("Placing order") == broker.index(broker.split("INFO", 1)[1].strip())
 
 
 def test_json_and_duration(spawn: Spawner) -> None:
