@@ -73,8 +73,8 @@ def _fields_text(fields: MutableMapping[str, Any]) -> str:
 
 
 #: Keys the console line shows in its own columns, or leaves out: the name column already
-#: says which child a line comes from, or is about.
-_COLUMNS = ("timestamp", "level", "logger", "event", "exception", "child", "child_pid")
+#: says which child a line comes from, or is about (its ``child_pid`` stays, as a field).
+_COLUMNS = ("timestamp", "level", "logger", "event", "exception", "child")
 #: The ``timestamp`` of a JSON line: ISO 8601, UTC, always with microseconds (``isoformat`` drops
 #: them when they are 0).
 JSON_TIME_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"

@@ -239,7 +239,8 @@ class TestOutput:
         assert {"child": "redis", "child_pid": exit.pid, "stream": "stdout"} == line.fields
         [started] = recorder.matching("Child redis started")
         assert ("redis", exit.pid) == (started.fields["child"], started.fields["child_pid"])
-        assert render_line(None, "info", {"event": "ready", **line.fields}).startswith("[] Redis      INFO     ready")
+        console = render_line(None, "info", {"event": "ready", **line.fields})
+        assert f"[] Redis      INFO     ready  child_pid={exit.pid} stream=stdout" == console
 
     async def test_long_line_is_cut_with_a_marker(self, where: Path) -> None:
         """A line longer than max_line keeps its first max_line bytes and says how many were cut."""
