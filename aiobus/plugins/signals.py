@@ -105,7 +105,7 @@ class SignalHandler:
         #: Why a default handler was chosen, said in the log line of its signal.
         self._why: dict[signal.Signals, str] = {}
         if not any(parse_signal(spec) is signal.SIGHUP for spec in handlers or {}):
-            self._why[signal.SIGHUP] = "a controlling terminal" if self.has_terminal else "no controlling terminal"
+            self._why[signal.SIGHUP] = "a terminal controls it" if self.has_terminal else "no controlling terminal"
         self._scope: anyio.CancelScope | None = None
         self._restored = anyio.Event()
         self._restored.set()

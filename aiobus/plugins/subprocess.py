@@ -129,9 +129,9 @@ class Subprocess(Child):
 
     Its output is read line by line, as it comes, into log events (``bus.log``) with the
     fields ``child`` (its name), ``child_pid`` and ``stream`` (``"stdout"`` or ``"stderr"``),
-    as a child broker's output: both pipes are always read, a last line without a newline is kept, a line longer than
-    ``max_line`` bytes is cut with a marker (``… [cut: N bytes]``), and bytes that are not
-    UTF-8 are replaced.
+    as a child broker's output: both pipes are always read, a last line without a newline
+    is kept, a line longer than ``max_line`` bytes is cut with a marker (``… [cut: N
+    bytes]``), and bytes that are not UTF-8 are replaced.
 
     Call :meth:`subscribe` (before the bus starts) to add it to ``supervisor`` (or the
     bus's default supervisor), which starts it with the bus (priority 80), in the order

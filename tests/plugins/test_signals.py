@@ -148,7 +148,7 @@ class TestDefaults:
             os.close(slave)
             os.close(master)
         assert "incarnation 1" not in child.output
-        assert "Caught SIGHUP: exiting (a controlling terminal)" in [event["event"] for event in child.events()]
+        assert "Caught SIGHUP: exiting (a terminal controls it)" in [event["event"] for event in child.events()]
 
 
 class TestCustomHandlers:
