@@ -41,6 +41,7 @@ from ._link import UndeliveredMessages as UndeliveredMessages
 from ._logging import configure_logging as configure_logging
 from ._logging import log_to_structlog as log_to_structlog
 from ._order import Priority as Priority
+from ._order import priority as priority
 from ._plugin import SimplePlugin as SimplePlugin
 from ._private import PrivateListener as PrivateListener
 from ._private import connect_private as connect_private
@@ -92,4 +93,5 @@ __all__ = [
     "default_supervisor",
     "end_idle_workers",
     "log_to_structlog",
+    "priority",
 ]

@@ -51,7 +51,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from ._bus import Bus
 from ._channels import ChannelFailures
-from ._order import Priority
+from ._order import Priority, priority
 from ._plugin import SimplePlugin
 from ._state import State
 
@@ -355,6 +355,7 @@ class Supervisor(SimplePlugin):
 
     # -- the bus's channels -----------------------------------------------------------
 
+    @priority(Priority.START_CHILDREN)
     async def start(self) -> None:
         """Start every child in order, each once the one before is ready.
 
@@ -389,8 +390,7 @@ class Supervisor(SimplePlugin):
         self._ended = anyio.Event()
         self.bus.start_soon(self._supervise, self._scope, send, receive, name="aiobus supervisor")
 
-    start.priority = Priority.START_CHILDREN  # type: ignore[attr-defined]
-
+    @priority(Priority.STOP_CHILDREN)
     async def stop(self) -> None:
         """Stop every child; no restart happens from here on.
 
@@ -436,8 +436,6 @@ class Supervisor(SimplePlugin):
             for child in self._children:
                 if child.state is not ChildState.FAILED and not self._running(child):
                     child.state = ChildState.STOPPED
-
-    stop.priority = Priority.STOP_CHILDREN  # type: ignore[attr-defined]
 
     async def graceful(self) -> None:
         """Pass graceful on to every running child.

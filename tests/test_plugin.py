@@ -6,7 +6,7 @@ from typing import ClassVar
 
 import pytest
 
-from aiobus import Bus, SimplePlugin
+from aiobus import Bus, SimplePlugin, priority
 
 
 class Recorder(SimplePlugin):
@@ -16,10 +16,9 @@ class Recorder(SimplePlugin):
         super().__init__(bus)
         self.calls: list[str] = []
 
+    @priority(70)
     async def start(self) -> None:
         self.calls.append("start")
-
-    start.priority = 70  # type: ignore[attr-defined]
 
     def stop(self) -> None:
         self.calls.append("stop")

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from aiobus import Bus, Priority, SimplePlugin
+from aiobus import Bus, Priority, SimplePlugin, priority
 
 if TYPE_CHECKING:
     from watchfiles import Change
@@ -158,6 +158,7 @@ class Autoreloader(SimplePlugin):
 
     # -- channels -------------------------------------------------------------------
 
+    @priority(Priority.START_AUTORELOAD)
     async def start(self) -> None:
         """Start watching in a task of the bus; a no-op if it watches already.
 
@@ -168,8 +169,7 @@ class Autoreloader(SimplePlugin):
             self._run = run
             self.bus.start_soon(self._task, run, name="autoreloader")
 
-    start.priority = Priority.START_AUTORELOAD  # type: ignore[attr-defined]
-
+    @priority(Priority.STOP_AUTORELOAD)
     async def stop(self) -> None:
         """Stop watching and wait until the task has ended (watchfiles' thread within a tenth of a second).
 
@@ -185,8 +185,6 @@ class Autoreloader(SimplePlugin):
             await run.done.wait()
         if self._run is run:
             self._run = None
-
-    stop.priority = Priority.STOP_AUTORELOAD  # type: ignore[attr-defined]
 
     def unsubscribe(self) -> None:
         """Unsubscribe from the bus and stop watching, without waiting for the task to end."""

@@ -18,7 +18,7 @@ from typing import Any
 
 import anyio
 
-from aiobus import Bus, Priority, SimplePlugin
+from aiobus import Bus, Priority, SimplePlugin, priority
 
 
 @dataclass(frozen=True)
@@ -112,6 +112,7 @@ class Monitor(SimplePlugin):
 
     # -- channels -------------------------------------------------------------------
 
+    @priority(Priority.START_CHILD_USERS)
     async def start(self) -> None:
         """Run the monitor as a task of the bus; a no-op if it runs already.
 
@@ -120,8 +121,7 @@ class Monitor(SimplePlugin):
         if self._run is None or self._run.scope.cancel_called:
             self._launch()
 
-    start.priority = Priority.START_CHILD_USERS  # type: ignore[attr-defined]
-
+    @priority(Priority.STOP_CHILD_USERS)
     async def stop(self) -> None:
         """Cancel the monitor's task and wait until it has ended.
 
@@ -129,8 +129,6 @@ class Monitor(SimplePlugin):
         task is cancelled all the same.
         """
         await self._halt()
-
-    stop.priority = Priority.STOP_CHILD_USERS  # type: ignore[attr-defined]
 
     async def graceful(self) -> None:
         """Restart a running monitor (its schedule starts over); a stopped one stays stopped.
