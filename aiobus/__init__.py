@@ -8,8 +8,9 @@ Layers, from the bottom up; each uses only the public API of the ones below it:
 1. the bus core: ``_state`` (states, errors), ``_channels`` (subscriptions and their
    order), ``_ticker`` (the main tick), ``_logging`` (the default log listener),
    ``_reexec`` (restart in place), ``_tasks`` (the tasks a bus owns), ``_bus`` (the
-   Bus), ``_plugin`` (SimplePlugin), ``_order`` (the plugins' priorities, one contract)
-   and ``_daemon`` (daemonizing, before any loop runs). The core imports no plugin.
+   Bus), ``_plugin`` (the Plugin protocol, SimplePlugin), ``_order`` (the plugins'
+   priorities, one contract) and ``_daemon`` (daemonizing, before any loop runs). The
+   core imports no plugin.
 2. the link: ``_link`` (framing and codec over a byte stream) and ``_private`` (a
    rendezvous no other local user can reach).
 3. supervision, written once for child brokers and external programs: ``_supervision``
@@ -29,6 +30,7 @@ from ._children import LineSplitter as LineSplitter
 from ._children import ParentLink as ParentLink
 from ._children import end_idle_workers as end_idle_workers
 from ._daemon import Daemon as Daemon
+from ._daemon import DaemonReporter as DaemonReporter
 from ._daemon import daemonize as daemonize
 from ._link import CorruptFrame as CorruptFrame
 from ._link import EndOfLink as EndOfLink
@@ -42,6 +44,7 @@ from ._logging import configure_logging as configure_logging
 from ._logging import log_to_structlog as log_to_structlog
 from ._order import Priority as Priority
 from ._order import priority as priority
+from ._plugin import Plugin as Plugin
 from ._plugin import SimplePlugin as SimplePlugin
 from ._private import PrivateListener as PrivateListener
 from ._private import connect_private as connect_private
@@ -70,6 +73,7 @@ __all__ = [
     "ChildUnavailable",
     "CorruptFrame",
     "Daemon",
+    "DaemonReporter",
     "EndOfLink",
     "FrameTooLarge",
     "LineSplitter",
@@ -77,6 +81,7 @@ __all__ = [
     "LinkError",
     "LinkStatistics",
     "ParentLink",
+    "Plugin",
     "Priority",
     "PrivateListener",
     "Restart",

@@ -17,6 +17,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from typing import Any
 
 import anyio
@@ -61,14 +62,24 @@ class Daemon:
         self._send({"failed": str(error)[-_MAX_REPORT:]})
 
     def subscribe(self, bus: Bus) -> None:
-        """Report automatically from ``bus``: started once it is STARTED, failed if it exits before.
+        """Deprecated: ``DaemonReporter(bus, daemon).subscribe()``, which it does."""
+        warnings.warn(
+            "Daemon.subscribe(bus) is deprecated: use DaemonReporter(bus, daemon).subscribe()",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        DaemonReporter(bus, self).subscribe()
 
-        It follows ``bus``'s ``state`` channel: "started" goes out once the bus is
-        STARTED, after every start listener has run. A failure report carries the errors
-        the bus logged (its ``log`` channel) before it reached EXITING (a failing start
-        listener's message and traceback). Subscribe before ``bus.start()``; on a bus
-        already STARTED it reports at once.
-        """
+    def unsubscribe(self, bus: Bus) -> None:
+        """Deprecated: ``DaemonReporter(bus, daemon).unsubscribe()``, which it does."""
+        warnings.warn(
+            "Daemon.unsubscribe(bus) is deprecated: use DaemonReporter(bus, daemon).unsubscribe()",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        DaemonReporter(bus, self).unsubscribe()
+
+    def _attach(self, bus: Bus) -> None:
         if bus in self._buses:
             return
         reporter = _BusReporter(self, bus)
@@ -77,8 +88,7 @@ class Daemon:
         bus.subscribe("state", reporter.state)
         reporter.check()
 
-    def unsubscribe(self, bus: Bus) -> None:
-        """Stop reporting from ``bus``."""
+    def _detach(self, bus: Bus) -> None:
         reporter = self._buses.pop(bus, None)
         if reporter is not None:
             bus.unsubscribe("log", reporter)
@@ -97,6 +107,35 @@ class Daemon:
         finally:
             if close:
                 os.close(fd)
+
+
+class DaemonReporter:
+    """A plugin that reports the daemon's start from ``bus``'s: started once it is STARTED, failed if
+    it exits before.
+
+    It follows ``bus``'s ``state`` channel: "started" goes out once the bus is STARTED,
+    after every start listener has run. A failure report carries the errors the bus
+    logged (its ``log`` channel) before it reached EXITING (a failing start listener's
+    message and traceback). Subscribe before ``bus.start()``; on a bus already STARTED
+    it reports at once. Subscribing twice, even from two reporters of the same daemon
+    and bus, reports once.
+
+    Args:
+        bus: the daemon's bus.
+        daemon: what :func:`daemonize` returned.
+    """
+
+    def __init__(self, bus: Bus, daemon: Daemon) -> None:
+        self.bus = bus
+        self.daemon = daemon
+
+    def subscribe(self) -> None:
+        """Report from the bus from now on."""
+        self.daemon._attach(self.bus)
+
+    def unsubscribe(self) -> None:
+        """Stop reporting from the bus."""
+        self.daemon._detach(self.bus)
 
 
 class _BusReporter:
@@ -151,8 +190,8 @@ def daemonize(
     daemon alone. The intermediate child exits at once.
 
     The daemon gets a :class:`Daemon` back and reports through it: ``daemon.started()``
-    or ``daemon.failed(text)`` by hand, or ``daemon.subscribe(bus)`` inside the loop to
-    report from the bus's own start. A bus restarted by ``bus.restart()`` re-executes
+    or ``daemon.failed(text)`` by hand, or ``DaemonReporter(bus, daemon).subscribe()`` inside
+    the loop to report from the bus's own start. A bus restarted by ``bus.restart()`` re-executes
     the program, which daemonizes again (a new pid).
 
     Args:
