@@ -32,6 +32,7 @@ from ._children import end_idle_workers as end_idle_workers
 from ._daemon import Daemon as Daemon
 from ._daemon import DaemonReporter as DaemonReporter
 from ._daemon import daemonize as daemonize
+from ._exitcodes import ExitCode as ExitCode
 from ._link import CorruptFrame as CorruptFrame
 from ._link import EndOfLink as EndOfLink
 from ._link import FrameTooLarge as FrameTooLarge
@@ -75,6 +76,7 @@ __all__ = [
     "Daemon",
     "DaemonReporter",
     "EndOfLink",
+    "ExitCode",
     "FrameTooLarge",
     "LineSplitter",
     "Link",

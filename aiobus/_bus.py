@@ -22,13 +22,13 @@ from ._channels import (
     is_async_callable,
     resolve_priority,
 )
+from ._exitcodes import ExitCode
 from ._logging import log_to_structlog
 from ._reexec import reexec
 from ._state import State, StateError
 from ._tasks import TaskKeeper
 from ._ticker import Ticker
 
-EX_SOFTWARE = 70
 _C = TypeVar("_C", bound=Callable[..., Any])
 
 
@@ -84,8 +84,8 @@ class Bus:
             raise ValueError(f"stop_timeout must be None or seconds >= 0, not {stop_timeout!r}")
         self.main_interval = float(main_interval)
         self.stop_timeout = stop_timeout
-        #: The code the process should end with: 0, or 70 (EX_SOFTWARE) after a failure.
-        self.exit_code = 0
+        #: The code the process should end with: 0, or 70 (:attr:`ExitCode.SOFTWARE`) after a failure.
+        self.exit_code = ExitCode.OK
         self._state = State.STOPPED
         self._waiters: list[_Waiter] = []
         self._channels = Channels(BUILTIN_CHANNELS)
@@ -143,7 +143,7 @@ class Bus:
 
     def _task_failed(self, name: str) -> None:
         self.log(f"Task {name} of the bus failed; exiting", logging.ERROR, traceback=True, task=name)
-        self.exit_code = EX_SOFTWARE
+        self.exit_code = ExitCode.SOFTWARE
         if not self._exit_started:
             self.start_soon(self.exit)
 
@@ -425,7 +425,7 @@ class Bus:
                 interrupted = await self._publish_interruptible("start")
             except ChannelFailures:
                 self.log("Start failed: stopping and exiting", logging.ERROR)
-                self.exit_code = EX_SOFTWARE
+                self.exit_code = ExitCode.SOFTWARE
                 self._exit_started = True
                 with anyio.CancelScope(shield=True) as self._shutdown_scope:
                     await self._exit_locked()
@@ -601,7 +601,7 @@ class Bus:
         with anyio.move_on_after(self._step_timeout) as scope:
             await ticker.wait_done()
         if scope.cancelled_caught:
-            self.exit_code = EX_SOFTWARE
+            self.exit_code = ExitCode.SOFTWARE
             self.log("The main tick in progress was cut off at the stop deadline", logging.ERROR)
             ticker.cancel()
             await ticker.wait_done()
@@ -612,9 +612,9 @@ class Bus:
             try:
                 await self.publish(channel)
             except ChannelFailures:
-                self.exit_code = EX_SOFTWARE
+                self.exit_code = ExitCode.SOFTWARE
         if scope.cancelled_caught:
-            self.exit_code = EX_SOFTWARE
+            self.exit_code = ExitCode.SOFTWARE
             self.log(
                 f"Channel {channel!r} cut off at its {self._step_timeout:g} s deadline",
                 logging.ERROR,

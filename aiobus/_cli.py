@@ -28,13 +28,10 @@ import structlog
 
 from ._bus import Bus
 from ._channels import ChannelFailures
+from ._exitcodes import ExitCode
 from ._logging import configure_logging
 from ._plugin import SimplePlugin
 from ._state import State
-
-EX_USAGE = 2
-EX_SOFTWARE = 70
-EX_INTERRUPTED = 130
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
@@ -43,7 +40,7 @@ class _Parser(argparse.ArgumentParser):
     """An argument parser whose errors are a single line (no usage block) and exit code 2."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(EX_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+        self.exit(ExitCode.USAGE, f"{self.prog}: error: {message} (see --help)\n")
 
 
 class TargetError(Exception):
@@ -204,7 +201,7 @@ async def serve(setup: Callable[..., Any], args: argparse.Namespace) -> int:
                 await result
         except Exception:
             bus.log(f"setup {args.target} failed", logging.ERROR, traceback=True, target=args.target)
-            bus.exit_code = EX_SOFTWARE
+            bus.exit_code = ExitCode.SOFTWARE
             await bus.exit()
         if bus.state is State.STOPPED:
             try:
@@ -217,7 +214,7 @@ async def serve(setup: Callable[..., Any], args: argparse.Namespace) -> int:
 
 def _fail(message: str) -> NoReturn:
     sys.stderr.write(f"aiobus: error: {message}\n")
-    raise SystemExit(EX_USAGE)
+    raise SystemExit(ExitCode.USAGE)
 
 
 def main(argv: Sequence[str] | None = None) -> NoReturn:
@@ -245,10 +242,10 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
             _fail(str(error))
         except Exception:
             structlog.get_logger("aiobus").exception(f"importing {args.target} failed", target=args.target)
-            raise SystemExit(EX_SOFTWARE) from None
+            raise SystemExit(ExitCode.SOFTWARE) from None
         raise SystemExit(anyio.run(serve, setup, args))
     except KeyboardInterrupt:
-        raise SystemExit(EX_INTERRUPTED) from None
+        raise SystemExit(ExitCode.FORCED) from None
 
 
 def _file_setup(spec: Any) -> Callable[..., Any]:

@@ -23,12 +23,11 @@ from typing import Any
 import anyio
 
 from ._bus import Bus
+from ._exitcodes import ExitCode
 from ._state import State
 
 StrPath = str | os.PathLike[str]
 
-#: Exit code of the original process when the daemon did not start.
-EXIT_FAILED = 1
 #: The longest failure text the daemon sends (a pipe holds at least 64 KiB on Linux).
 _MAX_REPORT = 16 * 1024
 _PREFIX = "aiobus.daemonize"
@@ -243,7 +242,7 @@ def daemonize(
     try:
         os.setsid()
         if os.fork():
-            os._exit(0)
+            os._exit(ExitCode.OK)
         os.chdir(directory)
         os.umask(umask)
         for target, fd in enumerate(fds):
@@ -253,7 +252,7 @@ def daemonize(
         try:
             os.write(write_fd, json.dumps({"failed": f"daemonizing failed: {exc!r}"}).encode() + b"\n")
         finally:
-            os._exit(EXIT_FAILED)
+            os._exit(ExitCode.FAILURE)
     return Daemon(write_fd)
 
 
@@ -301,7 +300,7 @@ def _await_report(middle: int, read_fd: int, timeout: float | None) -> None:
             pass  # already reaped (SIGCHLD ignored)
         code, message = _read_report(read_fd, timeout)
     except BaseException as exc:  # Ctrl-C included: the original must never return
-        code, message = EXIT_FAILED, f"{_PREFIX}: stopped waiting for the daemon: {exc!r}"
+        code, message = ExitCode.FAILURE, f"{_PREFIX}: stopped waiting for the daemon: {exc!r}"
     if message:
         try:
             sys.stderr.write(message + "\n")
@@ -321,13 +320,13 @@ def _read_report(read_fd: int, timeout: float | None) -> tuple[int, str]:
     while True:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            return EXIT_FAILED, _timed_out(pid, timeout)
+            return ExitCode.FAILURE, _timed_out(pid, timeout)
         if not poller.poll(None if remaining == math.inf else math.ceil(remaining * 1000)):
             continue
         chunk = os.read(read_fd, 65536)
         who = "the daemon" if pid is None else f"the daemon (pid {pid})"
         if not chunk:
-            return EXIT_FAILED, f"{_PREFIX}: {who} exited before reporting that it started"
+            return ExitCode.FAILURE, f"{_PREFIX}: {who} exited before reporting that it started"
         pending += chunk
         *lines, pending = pending.split(b"\n")
         for line in lines:
@@ -335,10 +334,10 @@ def _read_report(read_fd: int, timeout: float | None) -> tuple[int, str]:
             if "pid" in report:
                 pid = int(report["pid"])
             elif report.get("started"):
-                return 0, ""
+                return ExitCode.OK, ""
             elif "failed" in report:
                 who = "the daemon" if pid is None else f"the daemon (pid {pid})"
-                return EXIT_FAILED, f"{_PREFIX}: {who} failed to start:\n{report['failed']}"
+                return ExitCode.FAILURE, f"{_PREFIX}: {who} failed to start:\n{report['failed']}"
 
 
 def _timed_out(pid: int | None, timeout: float | None) -> str:

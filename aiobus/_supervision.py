@@ -51,11 +51,11 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from ._bus import Bus
 from ._channels import ChannelFailures
+from ._exitcodes import ExitCode
 from ._order import Priority, priority
 from ._plugin import SimplePlugin
 from ._state import State
 
-EX_SOFTWARE = 70
 #: The channel on which each child's exit is published, as a :class:`ChildExit`.
 CHILD_EXIT_CHANNEL = "child_exit"
 #: Seconds a child gets to end once its stop is cut short (the stop's deadline reached, a
@@ -794,7 +794,7 @@ class Supervisor(SimplePlugin):
             children=[child.name for child in affected],
             reason=reason,
         )
-        self.bus.exit_code = EX_SOFTWARE
+        self.bus.exit_code = ExitCode.SOFTWARE
         self.bus.start_soon(self.bus.exit)
 
 
