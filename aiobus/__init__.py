@@ -49,6 +49,7 @@ from ._plugin import Plugin as Plugin
 from ._plugin import SimplePlugin as SimplePlugin
 from ._private import PrivateListener as PrivateListener
 from ._private import connect_private as connect_private
+from ._seconds import check_seconds as check_seconds
 from ._state import State as State
 from ._state import StateError as StateError
 from ._supervision import CHILD_EXIT_CHANNEL as CHILD_EXIT_CHANNEL
@@ -94,6 +95,7 @@ __all__ = [
     "Supervisor",
     "UndecodableFrame",
     "UndeliveredMessages",
+    "check_seconds",
     "configure_logging",
     "connect_private",
     "daemonize",

@@ -25,6 +25,7 @@ from ._channels import (
 from ._exitcodes import ExitCode
 from ._logging import log_to_structlog
 from ._reexec import reexec
+from ._seconds import check_seconds
 from ._state import State, StateError
 from ._tasks import TaskKeeper
 from ._ticker import Ticker
@@ -78,12 +79,8 @@ class Bus:
     """
 
     def __init__(self, *, main_interval: float = 0.1, stop_timeout: float | None = None) -> None:
-        if not isinstance(main_interval, int | float) or not 0 < main_interval < math.inf:
-            raise ValueError(f"main_interval must be a positive number of seconds, not {main_interval!r}")
-        if stop_timeout is not None and (not isinstance(stop_timeout, int | float) or not stop_timeout >= 0):
-            raise ValueError(f"stop_timeout must be None or seconds >= 0, not {stop_timeout!r}")
-        self.main_interval = float(main_interval)
-        self.stop_timeout = stop_timeout
+        self.main_interval = check_seconds("main_interval", main_interval, positive=True)
+        self.stop_timeout = check_seconds("stop_timeout", stop_timeout, optional=True)
         #: The code the process should end with: 0, or 70 (:attr:`ExitCode.SOFTWARE`) after a failure.
         self.exit_code = ExitCode.OK
         self._state = State.STOPPED

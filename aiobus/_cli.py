@@ -17,7 +17,6 @@ import argparse
 import importlib
 import inspect
 import logging
-import math
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -31,6 +30,7 @@ from ._channels import ChannelFailures
 from ._exitcodes import ExitCode
 from ._logging import configure_logging
 from ._plugin import SimplePlugin
+from ._seconds import check_seconds
 from ._state import State
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
@@ -49,13 +49,13 @@ class TargetError(Exception):
 
 def _seconds(text: str, *, zero: bool) -> float:
     try:
-        value = float(text)
+        value: object = float(text)
     except ValueError:
-        value = math.nan
-    if not (0 <= value < math.inf if zero else 0 < value < math.inf):
-        kind = "a finite number of seconds >= 0" if zero else "a positive finite number of seconds"
-        raise argparse.ArgumentTypeError(f"must be {kind}, not {text!r}")
-    return value
+        value = text
+    try:
+        return check_seconds("the value", value, positive=not zero)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _positive_seconds(text: str) -> float:

@@ -24,6 +24,7 @@ import anyio
 
 from ._bus import Bus
 from ._exitcodes import ExitCode
+from ._seconds import check_seconds
 from ._state import State
 
 StrPath = str | os.PathLike[str]
@@ -212,12 +213,7 @@ def daemonize(
     """
     if not isinstance(umask, int) or isinstance(umask, bool) or not 0 <= umask <= 0o777:
         raise ValueError(f"umask must be an int from 0 to 0o777, not {umask!r}")
-    if ready_timeout is not None and (
-        isinstance(ready_timeout, bool)
-        or not isinstance(ready_timeout, int | float)
-        or not 0 < ready_timeout < math.inf
-    ):
-        raise ValueError(f"ready_timeout must be None or a positive number of seconds, not {ready_timeout!r}")
+    check_seconds("ready_timeout", ready_timeout, positive=True, optional=True)
     directory = os.fspath(chdir)
     if not os.path.isdir(directory):
         raise NotADirectoryError(f"chdir: {directory!r} is not a directory")

@@ -54,6 +54,7 @@ from ._channels import ChannelFailures
 from ._exitcodes import ExitCode
 from ._order import Priority, priority
 from ._plugin import SimplePlugin
+from ._seconds import check_seconds
 from ._state import State
 
 #: The channel on which each child's exit is published, as a :class:`ChildExit`.
@@ -303,9 +304,6 @@ class Supervisor(SimplePlugin):
         self.strategy = Strategy(strategy)
         if isinstance(max_restarts, bool) or not isinstance(max_restarts, int) or max_restarts < 0:
             raise ValueError(f"max_restarts must be an int >= 0, not {max_restarts!r}")
-        for label, value in (("within", within), ("backoff", backoff), ("max_backoff", max_backoff)):
-            if not isinstance(value, int | float) or not 0 <= value < math.inf:
-                raise ValueError(f"{label} must be a finite number of seconds >= 0, not {value!r}")
         if concurrency is None:
             concurrency = os.cpu_count() or 1
         if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
@@ -313,9 +311,9 @@ class Supervisor(SimplePlugin):
         self.max_restarts = max_restarts
         self.ordered = bool(ordered)
         self.concurrency = concurrency
-        self.within = float(within)
-        self.backoff = float(backoff)
-        self.max_backoff = float(max_backoff)
+        self.within = check_seconds("within", within)
+        self.backoff = check_seconds("backoff", backoff)
+        self.max_backoff = check_seconds("max_backoff", max_backoff)
         self._children: list[Child] = []
         self._restart_times: deque[float] = deque()
         self._scope: anyio.CancelScope | None = None

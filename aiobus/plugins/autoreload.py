@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from aiobus import Bus, Priority, SimplePlugin, priority
+from aiobus import Bus, Priority, SimplePlugin, check_seconds, priority
 
 if TYPE_CHECKING:
     from watchfiles import Change
@@ -129,11 +129,9 @@ class Autoreloader(SimplePlugin):
         watchfiles = _import_watchfiles()
         if isinstance(paths, str | os.PathLike):
             raise TypeError(f"Autoreloader paths is an iterable of paths, not the single path {paths!r}")
-        if isinstance(debounce, bool) or not isinstance(debounce, int | float) or not 0 <= debounce < math.inf:
-            raise ValueError(f"the Autoreloader's debounce must be a finite number of seconds >= 0, not {debounce!r}")
+        self.debounce = check_seconds("the Autoreloader's debounce", debounce)
         super().__init__(bus)
         self.paths = tuple(_checked_path(path) for path in paths or ())
-        self.debounce = float(debounce)
         self.include_site_packages = include_site_packages
         self._awatch: Callable[..., Any] = watchfiles.awatch
         self._dir_filter: Callable[[Change, str], bool] = watchfiles.DefaultFilter()

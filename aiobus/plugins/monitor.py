@@ -18,7 +18,7 @@ from typing import Any
 
 import anyio
 
-from aiobus import Bus, Priority, SimplePlugin, priority
+from aiobus import Bus, Priority, SimplePlugin, check_seconds, priority
 
 
 @dataclass(frozen=True)
@@ -92,15 +92,11 @@ class Monitor(SimplePlugin):
     def __init__(self, bus: Bus, callback: Callable[[], Any], frequency: float, name: str | None = None) -> None:
         if not callable(callback):
             raise TypeError(f"a Monitor's callback must be callable, not {callback!r}")
-        if isinstance(frequency, bool) or not isinstance(frequency, int | float):
-            raise ValueError(f"a Monitor's frequency must be a number of seconds, not {frequency!r}")
-        if not 0 < frequency < math.inf:  # also rejects NaN
-            raise ValueError(f"a Monitor's frequency must be a positive finite number of seconds, not {frequency!r}")
+        self.frequency = check_seconds("a Monitor's frequency", frequency, positive=True)
         if name is not None and not isinstance(name, str):
             raise TypeError(f"a Monitor's name must be a str, not {name!r}")
         super().__init__(bus)
         self.callback = callback
-        self.frequency = float(frequency)
         self.name = _callback_name(callback) if name is None else name
         self._run: _Run | None = None
         self._runs = 0
