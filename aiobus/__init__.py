@@ -61,6 +61,7 @@ from ._supervision import Restart as Restart
 from ._supervision import Strategy as Strategy
 from ._supervision import Supervisor as Supervisor
 from ._supervision import default_supervisor as default_supervisor
+from ._ticker import Schedule as Schedule
 
 __all__ = [
     "CHILD_EXIT_CHANNEL",
@@ -88,6 +89,7 @@ __all__ = [
     "Priority",
     "PrivateListener",
     "Restart",
+    "Schedule",
     "SimplePlugin",
     "State",
     "StateError",

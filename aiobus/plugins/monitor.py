@@ -11,14 +11,13 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
 
-from aiobus import Bus, Priority, SimplePlugin, check_seconds, priority
+from aiobus import Bus, Priority, Schedule, SimplePlugin, check_seconds, priority
 
 
 @dataclass(frozen=True)
@@ -56,11 +55,11 @@ def _callback_name(callback: object) -> str:
 class Monitor(SimplePlugin):
     """Calls ``callback()`` every ``frequency`` seconds while the bus is started.
 
-    The first call comes ``frequency`` seconds after ``start``, then at
-    ``start + k * frequency`` for k = 2, 3...: the schedule does not drift with the
-    time the calls take. A call that overruns its period delays the next one but
-    causes no burst of catch-up calls; the dropped points are counted as
-    ``skipped`` in :meth:`statistics`.
+    The calls follow an :class:`aiobus.Schedule`, as the bus's main tick does: the
+    first comes ``frequency`` seconds after ``start``, then at ``start + k * frequency``
+    for k = 2, 3...: the schedule does not drift with the time the calls take. A call
+    that overruns its period delays the next one but causes no burst of catch-up
+    calls; the dropped points are counted as ``skipped`` in :meth:`statistics`.
 
     The callback may be sync or async (or return an awaitable). A sync callback runs
     in the event loop and must be quick; wrap blocking work as
@@ -174,15 +173,11 @@ class Monitor(SimplePlugin):
             run.done.set()
 
     async def _loop(self) -> None:
-        start = anyio.current_time()
-        due = 1
+        schedule = Schedule(self.frequency)
         while True:
-            await anyio.sleep_until(start + due * self.frequency)
+            await anyio.sleep_until(schedule.due)
             await self._call()
-            # The first schedule point still ahead; the ones a slow call overran are skipped.
-            following = max(due + 1, math.floor((anyio.current_time() - start) / self.frequency) + 1)
-            self._skipped += following - due - 1
-            due = following
+            self._skipped += schedule.advance()
 
     async def _call(self) -> None:
         try:
