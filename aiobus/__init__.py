@@ -5,12 +5,13 @@ tick, log) on a :class:`Bus`, and plugins subscribe to it.
 
 Layers, from the bottom up; each uses only the public API of the ones below it:
 
-1. the bus core: ``_state`` (states, errors), ``_channels`` (subscriptions and their
-   order), ``_ticker`` (the main tick), ``_logging`` (the default log listener),
-   ``_reexec`` (restart in place), ``_tasks`` (the tasks a bus owns), ``_bus`` (the
-   Bus), ``_plugin`` (the Plugin protocol, SimplePlugin), ``_order`` (the plugins'
-   priorities, one contract) and ``_daemon`` (daemonizing, before any loop runs). The
-   core imports no plugin.
+1. the bus core: ``_state`` (states, errors), ``_exitcodes`` (the exit codes),
+   ``_seconds`` (the check of a duration), ``_channels`` (subscriptions and their
+   order), ``_ticker`` (the main tick and its schedule), ``_logging`` (the default log
+   listener), ``_reexec`` (restart in place), ``_tasks`` (the tasks a bus owns),
+   ``_bus`` (the Bus), ``_plugin`` (the Plugin protocol, SimplePlugin), ``_order`` (the
+   plugins' priorities, one contract) and ``_daemon`` (daemonizing, before any loop
+   runs). The core imports no plugin.
 2. the link: ``_link`` (framing and codec over a byte stream) and ``_private`` (a
    rendezvous no other local user can reach).
 3. supervision, written once for child brokers and external programs: ``_supervision``

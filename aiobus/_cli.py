@@ -29,7 +29,7 @@ from ._bus import Bus
 from ._channels import ChannelFailures
 from ._exitcodes import ExitCode
 from ._logging import configure_logging
-from ._plugin import SimplePlugin
+from ._plugin import Plugin
 from ._seconds import check_seconds
 from ._state import State
 
@@ -165,7 +165,7 @@ def load_target(target: str) -> Callable[..., Any]:
     return obj  # type: ignore[no-any-return]
 
 
-def make_plugins(bus: Bus, args: argparse.Namespace) -> list[SimplePlugin]:
+def make_plugins(bus: Bus, args: argparse.Namespace) -> list[Plugin]:
     """The plugins the flags ask for (not subscribed): PIDFile, DropPrivileges, Autoreloader.
 
     Raises:
@@ -173,7 +173,7 @@ def make_plugins(bus: Bus, args: argparse.Namespace) -> list[SimplePlugin]:
     """
     from .plugins import Autoreloader, DropPrivileges, PIDFile
 
-    plugins: list[SimplePlugin] = []
+    plugins: list[Plugin] = []
     if args.pidfile is not None:
         plugins.append(PIDFile(bus, args.pidfile))
     if args.user is not None or args.group is not None or args.umask is not None:
