@@ -156,8 +156,9 @@ class Bus:
     ) -> _C | Callable[[_C], _C]:
         """Add ``callback`` to ``channel``; without a callback, return a decorator that does.
 
-        The priority is the argument, else the callback's ``priority`` attribute, else
-        50; lower runs first and equal priorities run in subscription order.
+        The priority is the argument, else the callback's ``priority`` attribute (as
+        :func:`aiobus.priority` sets it), else 50; lower runs first and equal priorities
+        run in subscription order.
         Subscribing the same callback again keeps one entry with the new priority.
 
         Returns:

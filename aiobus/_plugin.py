@@ -29,9 +29,10 @@ class Plugin(Protocol):
 class SimplePlugin:
     """Subclass it and define methods named after channels (``start``, ``stop``, ``main``...).
 
-    :meth:`subscribe` subscribes each such method to its channel, with the method's
-    ``priority`` attribute if it has one. Channels beyond the seven built-in ones are
-    declared in the class attribute ``channels``.
+    :meth:`subscribe` subscribes each such method to its channel, with the priority
+    :func:`aiobus.priority` gave it (``@priority(Priority.START_BIND)``), if any.
+    Channels beyond the seven built-in ones are declared in the class attribute
+    ``channels``.
     """
 
     #: Channels other than the built-in ones that this plugin has methods for.
