@@ -110,8 +110,7 @@ class Daemon:
 
 
 class DaemonReporter:
-    """A plugin that reports the daemon's start from ``bus``'s: started once it is STARTED, failed if
-    it exits before.
+    """A plugin: the daemon reports started once ``bus`` is STARTED, failed if the bus exits before.
 
     It follows ``bus``'s ``state`` channel: "started" goes out once the bus is STARTED,
     after every start listener has run. A failure report carries the errors the bus
