@@ -9,13 +9,11 @@ nox.options.sessions = ["tests", "lint", "typecheck"]
 nox.options.error_on_external_run = True
 nox.options.reuse_existing_virtualenvs = True
 
-TEST_DEPS = ["pytest>=8", "pytest-asyncio>=0.24", "pytest-cov>=5", "trio>=0.25", "hypothesis>=6.100"]
-
 
 @nox.session
 def tests(session: nox.Session) -> None:
     """Run the test suite against the installed package, with coverage (fail under 90%)."""
-    session.install(".[reload]", *TEST_DEPS)
+    session.install(".[reload,test]")  # the test extra (pyproject.toml) lists the test dependencies
     # Child processes write their coverage data too: some run as another user (after
     # DropPrivileges) or elsewhere (a daemon's chdir("/")), so the data goes to an
     # absolute path in a folder anyone may write to, sticky like /tmp.
@@ -42,7 +40,7 @@ def lint(session: nox.Session) -> None:
 @nox.session
 def typecheck(session: nox.Session) -> None:
     """mypy --strict on the package and its tests."""
-    session.install(".[reload]", "mypy", *TEST_DEPS)
+    session.install(".[reload,test]", "mypy")
     session.run("mypy", "--strict", "aiobus", "tests")
 
 

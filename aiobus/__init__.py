@@ -5,11 +5,13 @@ tick, log) on a :class:`Bus`, and plugins subscribe to it.
 
 Layers, from the bottom up; each uses only the public API of the ones below it:
 
-1. the bus core: ``_state`` (states, errors), ``_channels`` (subscriptions and their
-   order), ``_ticker`` (the main tick), ``_logging`` (the default log listener),
-   ``_reexec`` (restart in place), ``_tasks`` (the tasks a bus owns), ``_bus`` (the
-   Bus), ``_plugin`` (SimplePlugin), ``_order`` (the plugins' priorities, one contract)
-   and ``_daemon`` (daemonizing, before any loop runs). The core imports no plugin.
+1. the bus core: ``_state`` (states, errors), ``_exitcodes`` (the exit codes),
+   ``_seconds`` (the check of a duration), ``_channels`` (subscriptions and their
+   order), ``_ticker`` (the main tick and its schedule), ``_logging`` (the default log
+   listener), ``_reexec`` (restart in place), ``_tasks`` (the tasks a bus owns),
+   ``_bus`` (the Bus), ``_plugin`` (the Plugin protocol, SimplePlugin), ``_order`` (the
+   plugins' priorities, one contract) and ``_daemon`` (daemonizing, before any loop
+   runs). The core imports no plugin.
 2. the link: ``_link`` (framing and codec over a byte stream) and ``_private`` (a
    rendezvous no other local user can reach).
 3. supervision, written once for child brokers and external programs: ``_supervision``
@@ -29,7 +31,9 @@ from ._children import LineSplitter as LineSplitter
 from ._children import ParentLink as ParentLink
 from ._children import end_idle_workers as end_idle_workers
 from ._daemon import Daemon as Daemon
+from ._daemon import DaemonReporter as DaemonReporter
 from ._daemon import daemonize as daemonize
+from ._exitcodes import ExitCode as ExitCode
 from ._link import CorruptFrame as CorruptFrame
 from ._link import EndOfLink as EndOfLink
 from ._link import FrameTooLarge as FrameTooLarge
@@ -41,9 +45,12 @@ from ._link import UndeliveredMessages as UndeliveredMessages
 from ._logging import configure_logging as configure_logging
 from ._logging import log_to_structlog as log_to_structlog
 from ._order import Priority as Priority
+from ._order import priority as priority
+from ._plugin import Plugin as Plugin
 from ._plugin import SimplePlugin as SimplePlugin
 from ._private import PrivateListener as PrivateListener
 from ._private import connect_private as connect_private
+from ._seconds import check_seconds as check_seconds
 from ._state import State as State
 from ._state import StateError as StateError
 from ._supervision import CHILD_EXIT_CHANNEL as CHILD_EXIT_CHANNEL
@@ -55,6 +62,7 @@ from ._supervision import Restart as Restart
 from ._supervision import Strategy as Strategy
 from ._supervision import Supervisor as Supervisor
 from ._supervision import default_supervisor as default_supervisor
+from ._ticker import Schedule as Schedule
 
 __all__ = [
     "CHILD_EXIT_CHANNEL",
@@ -69,16 +77,20 @@ __all__ = [
     "ChildUnavailable",
     "CorruptFrame",
     "Daemon",
+    "DaemonReporter",
     "EndOfLink",
+    "ExitCode",
     "FrameTooLarge",
     "LineSplitter",
     "Link",
     "LinkError",
     "LinkStatistics",
     "ParentLink",
+    "Plugin",
     "Priority",
     "PrivateListener",
     "Restart",
+    "Schedule",
     "SimplePlugin",
     "State",
     "StateError",
@@ -86,10 +98,12 @@ __all__ = [
     "Supervisor",
     "UndecodableFrame",
     "UndeliveredMessages",
+    "check_seconds",
     "configure_logging",
     "connect_private",
     "daemonize",
     "default_supervisor",
     "end_idle_workers",
     "log_to_structlog",
+    "priority",
 ]

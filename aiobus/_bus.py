@@ -22,13 +22,14 @@ from ._channels import (
     is_async_callable,
     resolve_priority,
 )
+from ._exitcodes import ExitCode
 from ._logging import log_to_structlog, write_line
 from ._reexec import reexec
+from ._seconds import check_seconds
 from ._state import State, StateError
 from ._tasks import TaskKeeper
 from ._ticker import Ticker
 
-EX_SOFTWARE = 70
 _C = TypeVar("_C", bound=Callable[..., Any])
 
 
@@ -78,14 +79,10 @@ class Bus:
     """
 
     def __init__(self, *, main_interval: float = 0.1, stop_timeout: float | None = None) -> None:
-        if not isinstance(main_interval, int | float) or not 0 < main_interval < math.inf:
-            raise ValueError(f"main_interval must be a positive number of seconds, not {main_interval!r}")
-        if stop_timeout is not None and (not isinstance(stop_timeout, int | float) or not stop_timeout >= 0):
-            raise ValueError(f"stop_timeout must be None or seconds >= 0, not {stop_timeout!r}")
-        self.main_interval = float(main_interval)
-        self.stop_timeout = stop_timeout
-        #: The code the process should end with: 0, or 70 (EX_SOFTWARE) after a failure.
-        self.exit_code = 0
+        self.main_interval = check_seconds("main_interval", main_interval, positive=True)
+        self.stop_timeout = check_seconds("stop_timeout", stop_timeout, optional=True)
+        #: The code the process should end with: 0, or 70 (:attr:`ExitCode.SOFTWARE`) after a failure.
+        self.exit_code = ExitCode.OK
         self._state = State.STOPPED
         self._waiters: list[_Waiter] = []
         self._channels = Channels(BUILTIN_CHANNELS)
@@ -143,7 +140,7 @@ class Bus:
 
     def _task_failed(self, name: str) -> None:
         self.log(f"Task {name} of the bus failed; exiting", logging.ERROR, traceback=True, task=name)
-        self.exit_code = EX_SOFTWARE
+        self.exit_code = ExitCode.SOFTWARE
         if not self._exit_started:
             self.start_soon(self.exit)
 
@@ -159,8 +156,9 @@ class Bus:
     ) -> _C | Callable[[_C], _C]:
         """Add ``callback`` to ``channel``; without a callback, return a decorator that does.
 
-        The priority is the argument, else the callback's ``priority`` attribute, else
-        50; lower runs first and equal priorities run in subscription order.
+        The priority is the argument, else the callback's ``priority`` attribute (as
+        :func:`aiobus.priority` sets it), else 50; lower runs first and equal priorities
+        run in subscription order.
         Subscribing the same callback again keeps one entry with the new priority.
 
         Returns:
@@ -425,7 +423,7 @@ class Bus:
                 interrupted = await self._publish_interruptible("start")
             except ChannelFailures:
                 self.log("Start failed: stopping and exiting", logging.ERROR)
-                self.exit_code = EX_SOFTWARE
+                self.exit_code = ExitCode.SOFTWARE
                 self._exit_started = True
                 with anyio.CancelScope(shield=True) as self._shutdown_scope:
                     await self._exit_locked()
@@ -601,7 +599,7 @@ class Bus:
         with anyio.move_on_after(self._step_timeout) as scope:
             await ticker.wait_done()
         if scope.cancelled_caught:
-            self.exit_code = EX_SOFTWARE
+            self.exit_code = ExitCode.SOFTWARE
             self.log("The main tick in progress was cut off at the stop deadline", logging.ERROR)
             ticker.cancel()
             await ticker.wait_done()
@@ -612,9 +610,9 @@ class Bus:
             try:
                 await self.publish(channel)
             except ChannelFailures:
-                self.exit_code = EX_SOFTWARE
+                self.exit_code = ExitCode.SOFTWARE
         if scope.cancelled_caught:
-            self.exit_code = EX_SOFTWARE
+            self.exit_code = ExitCode.SOFTWARE
             self.log(
                 f"Channel {channel!r} cut off at its {self._step_timeout:g} s deadline",
                 logging.ERROR,

@@ -89,6 +89,16 @@ def resolve_priority(callback: object, priority: float | None) -> float:
     """
     if priority is None:
         priority = getattr(callback, "priority", DEFAULT_PRIORITY)
+    return check_priority(priority)
+
+
+def check_priority(priority: object) -> float:
+    """``priority`` itself, if it is a number a listener can be ordered by.
+
+    Raises:
+        TypeError: the priority is not a number (a bool is not one).
+        ValueError: the priority is NaN, which has no place in an order.
+    """
     if isinstance(priority, bool) or not isinstance(priority, int | float):
         raise TypeError(f"priority must be a number, not {priority!r}")
     if math.isnan(priority):

@@ -17,7 +17,6 @@ import argparse
 import importlib
 import inspect
 import logging
-import math
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -28,13 +27,11 @@ import structlog
 
 from ._bus import Bus
 from ._channels import ChannelFailures
+from ._exitcodes import ExitCode
 from ._logging import configure_logging
-from ._plugin import SimplePlugin
+from ._plugin import Plugin
+from ._seconds import check_seconds
 from ._state import State
-
-EX_USAGE = 2
-EX_SOFTWARE = 70
-EX_INTERRUPTED = 130
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
@@ -43,7 +40,7 @@ class _Parser(argparse.ArgumentParser):
     """An argument parser whose errors are a single line (no usage block) and exit code 2."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(EX_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+        self.exit(ExitCode.USAGE, f"{self.prog}: error: {message} (see --help)\n")
 
 
 class TargetError(Exception):
@@ -52,13 +49,13 @@ class TargetError(Exception):
 
 def _seconds(text: str, *, zero: bool) -> float:
     try:
-        value = float(text)
+        value: object = float(text)
     except ValueError:
-        value = math.nan
-    if not (0 <= value < math.inf if zero else 0 < value < math.inf):
-        kind = "a finite number of seconds >= 0" if zero else "a positive finite number of seconds"
-        raise argparse.ArgumentTypeError(f"must be {kind}, not {text!r}")
-    return value
+        value = text
+    try:
+        return check_seconds("the value", value, positive=not zero)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _positive_seconds(text: str) -> float:
@@ -168,7 +165,7 @@ def load_target(target: str) -> Callable[..., Any]:
     return obj  # type: ignore[no-any-return]
 
 
-def make_plugins(bus: Bus, args: argparse.Namespace) -> list[SimplePlugin]:
+def make_plugins(bus: Bus, args: argparse.Namespace) -> list[Plugin]:
     """The plugins the flags ask for (not subscribed): PIDFile, DropPrivileges, Autoreloader.
 
     Raises:
@@ -176,7 +173,7 @@ def make_plugins(bus: Bus, args: argparse.Namespace) -> list[SimplePlugin]:
     """
     from .plugins import Autoreloader, DropPrivileges, PIDFile
 
-    plugins: list[SimplePlugin] = []
+    plugins: list[Plugin] = []
     if args.pidfile is not None:
         plugins.append(PIDFile(bus, args.pidfile))
     if args.user is not None or args.group is not None or args.umask is not None:
@@ -204,7 +201,7 @@ async def serve(setup: Callable[..., Any], args: argparse.Namespace) -> int:
                 await result
         except Exception:
             bus.log(f"setup {args.target} failed", logging.ERROR, traceback=True, target=args.target)
-            bus.exit_code = EX_SOFTWARE
+            bus.exit_code = ExitCode.SOFTWARE
             await bus.exit()
         if bus.state is State.STOPPED:
             try:
@@ -217,7 +214,7 @@ async def serve(setup: Callable[..., Any], args: argparse.Namespace) -> int:
 
 def _fail(message: str) -> NoReturn:
     sys.stderr.write(f"aiobus: error: {message}\n")
-    raise SystemExit(EX_USAGE)
+    raise SystemExit(ExitCode.USAGE)
 
 
 def main(argv: Sequence[str] | None = None) -> NoReturn:
@@ -245,10 +242,10 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
             _fail(str(error))
         except Exception:
             structlog.get_logger("aiobus").exception(f"importing {args.target} failed", target=args.target)
-            raise SystemExit(EX_SOFTWARE) from None
+            raise SystemExit(ExitCode.SOFTWARE) from None
         raise SystemExit(anyio.run(serve, setup, args))
     except KeyboardInterrupt:
-        raise SystemExit(EX_INTERRUPTED) from None
+        raise SystemExit(ExitCode.FORCED) from None
 
 
 def _file_setup(spec: Any) -> Callable[..., Any]:

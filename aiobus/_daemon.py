@@ -17,17 +17,18 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from typing import Any
 
 import anyio
 
 from ._bus import Bus
+from ._exitcodes import ExitCode
+from ._seconds import check_seconds
 from ._state import State
 
 StrPath = str | os.PathLike[str]
 
-#: Exit code of the original process when the daemon did not start.
-EXIT_FAILED = 1
 #: The longest failure text the daemon sends (a pipe holds at least 64 KiB on Linux).
 _MAX_REPORT = 16 * 1024
 _PREFIX = "aiobus.daemonize"
@@ -61,14 +62,24 @@ class Daemon:
         self._send({"failed": str(error)[-_MAX_REPORT:]})
 
     def subscribe(self, bus: Bus) -> None:
-        """Report automatically from ``bus``: started once it is STARTED, failed if it exits before.
+        """Deprecated: ``DaemonReporter(bus, daemon).subscribe()``, which it does."""
+        warnings.warn(
+            "Daemon.subscribe(bus) is deprecated: use DaemonReporter(bus, daemon).subscribe()",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        DaemonReporter(bus, self).subscribe()
 
-        It follows ``bus``'s ``state`` channel: "started" goes out once the bus is
-        STARTED, after every start listener has run. A failure report carries the errors
-        the bus logged (its ``log`` channel) before it reached EXITING (a failing start
-        listener's message and traceback). Subscribe before ``bus.start()``; on a bus
-        already STARTED it reports at once.
-        """
+    def unsubscribe(self, bus: Bus) -> None:
+        """Deprecated: ``DaemonReporter(bus, daemon).unsubscribe()``, which it does."""
+        warnings.warn(
+            "Daemon.unsubscribe(bus) is deprecated: use DaemonReporter(bus, daemon).unsubscribe()",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        DaemonReporter(bus, self).unsubscribe()
+
+    def _attach(self, bus: Bus) -> None:
         if bus in self._buses:
             return
         reporter = _BusReporter(self, bus)
@@ -77,8 +88,7 @@ class Daemon:
         bus.subscribe("state", reporter.state)
         reporter.check()
 
-    def unsubscribe(self, bus: Bus) -> None:
-        """Stop reporting from ``bus``."""
+    def _detach(self, bus: Bus) -> None:
         reporter = self._buses.pop(bus, None)
         if reporter is not None:
             bus.unsubscribe("log", reporter)
@@ -97,6 +107,34 @@ class Daemon:
         finally:
             if close:
                 os.close(fd)
+
+
+class DaemonReporter:
+    """A plugin: the daemon reports started once ``bus`` is STARTED, failed if the bus exits before.
+
+    It follows ``bus``'s ``state`` channel: "started" goes out once the bus is STARTED,
+    after every start listener has run. A failure report carries the errors the bus
+    logged (its ``log`` channel) before it reached EXITING (a failing start listener's
+    message and traceback). Subscribe before ``bus.start()``; on a bus already STARTED
+    it reports at once. Subscribing twice, even from two reporters of the same daemon
+    and bus, reports once.
+
+    Args:
+        bus: the daemon's bus.
+        daemon: what :func:`daemonize` returned.
+    """
+
+    def __init__(self, bus: Bus, daemon: Daemon) -> None:
+        self.bus = bus
+        self.daemon = daemon
+
+    def subscribe(self) -> None:
+        """Report from the bus from now on."""
+        self.daemon._attach(self.bus)
+
+    def unsubscribe(self) -> None:
+        """Stop reporting from the bus."""
+        self.daemon._detach(self.bus)
 
 
 class _BusReporter:
@@ -151,8 +189,8 @@ def daemonize(
     daemon alone. The intermediate child exits at once.
 
     The daemon gets a :class:`Daemon` back and reports through it: ``daemon.started()``
-    or ``daemon.failed(text)`` by hand, or ``daemon.subscribe(bus)`` inside the loop to
-    report from the bus's own start. A bus restarted by ``bus.restart()`` re-executes
+    or ``daemon.failed(text)`` by hand, or ``DaemonReporter(bus, daemon).subscribe()`` inside
+    the loop to report from the bus's own start. A bus restarted by ``bus.restart()`` re-executes
     the program, which daemonizes again (a new pid).
 
     Args:
@@ -174,12 +212,7 @@ def daemonize(
     """
     if not isinstance(umask, int) or isinstance(umask, bool) or not 0 <= umask <= 0o777:
         raise ValueError(f"umask must be an int from 0 to 0o777, not {umask!r}")
-    if ready_timeout is not None and (
-        isinstance(ready_timeout, bool)
-        or not isinstance(ready_timeout, int | float)
-        or not 0 < ready_timeout < math.inf
-    ):
-        raise ValueError(f"ready_timeout must be None or a positive number of seconds, not {ready_timeout!r}")
+    check_seconds("ready_timeout", ready_timeout, positive=True, optional=True)
     directory = os.fspath(chdir)
     if not os.path.isdir(directory):
         raise NotADirectoryError(f"chdir: {directory!r} is not a directory")
@@ -204,7 +237,7 @@ def daemonize(
     try:
         os.setsid()
         if os.fork():
-            os._exit(0)
+            os._exit(ExitCode.OK)
         os.chdir(directory)
         os.umask(umask)
         for target, fd in enumerate(fds):
@@ -214,7 +247,7 @@ def daemonize(
         try:
             os.write(write_fd, json.dumps({"failed": f"daemonizing failed: {exc!r}"}).encode() + b"\n")
         finally:
-            os._exit(EXIT_FAILED)
+            os._exit(ExitCode.FAILURE)
     return Daemon(write_fd)
 
 
@@ -262,7 +295,7 @@ def _await_report(middle: int, read_fd: int, timeout: float | None) -> None:
             pass  # already reaped (SIGCHLD ignored)
         code, message = _read_report(read_fd, timeout)
     except BaseException as exc:  # Ctrl-C included: the original must never return
-        code, message = EXIT_FAILED, f"{_PREFIX}: stopped waiting for the daemon: {exc!r}"
+        code, message = ExitCode.FAILURE, f"{_PREFIX}: stopped waiting for the daemon: {exc!r}"
     if message:
         try:
             sys.stderr.write(message + "\n")
@@ -282,13 +315,13 @@ def _read_report(read_fd: int, timeout: float | None) -> tuple[int, str]:
     while True:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            return EXIT_FAILED, _timed_out(pid, timeout)
+            return ExitCode.FAILURE, _timed_out(pid, timeout)
         if not poller.poll(None if remaining == math.inf else math.ceil(remaining * 1000)):
             continue
         chunk = os.read(read_fd, 65536)
         who = "the daemon" if pid is None else f"the daemon (pid {pid})"
         if not chunk:
-            return EXIT_FAILED, f"{_PREFIX}: {who} exited before reporting that it started"
+            return ExitCode.FAILURE, f"{_PREFIX}: {who} exited before reporting that it started"
         pending += chunk
         *lines, pending = pending.split(b"\n")
         for line in lines:
@@ -296,10 +329,10 @@ def _read_report(read_fd: int, timeout: float | None) -> tuple[int, str]:
             if "pid" in report:
                 pid = int(report["pid"])
             elif report.get("started"):
-                return 0, ""
+                return ExitCode.OK, ""
             elif "failed" in report:
                 who = "the daemon" if pid is None else f"the daemon (pid {pid})"
-                return EXIT_FAILED, f"{_PREFIX}: {who} failed to start:\n{report['failed']}"
+                return ExitCode.FAILURE, f"{_PREFIX}: {who} failed to start:\n{report['failed']}"
 
 
 def _timed_out(pid: int | None, timeout: float | None) -> str:

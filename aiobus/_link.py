@@ -22,7 +22,6 @@ Pickle runs code: only ever read from a peer you trust (see :mod:`aiobus._privat
 
 from __future__ import annotations
 
-import math
 import pickle
 import socket
 import struct
@@ -33,6 +32,8 @@ from typing import Any, TypedDict
 
 import anyio
 from anyio.abc import ByteStream, SocketAttribute, TaskGroup, UNIXSocketStream
+
+from ._seconds import check_seconds
 
 _HEADER = struct.Struct(">I")
 _PROTOCOL = pickle.HIGHEST_PROTOCOL
@@ -110,9 +111,7 @@ def check_link_options(**options: Any) -> None:
         value = options.get(key, 1)
         if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 0xFFFFFFFF:
             raise ValueError(f"{key} must be an int from 1 to 2**32 - 1 bytes, not {value!r}")
-    timeout = options.get("close_timeout", 0)
-    if not isinstance(timeout, int | float) or not 0 <= timeout < math.inf:
-        raise ValueError(f"close_timeout must be a finite number of seconds >= 0, not {timeout!r}")
+    check_seconds("close_timeout", options.get("close_timeout", 0))
     if not isinstance(options.get("name", ""), str):
         raise TypeError(f"name must be a str, not {options['name']!r}")
 

@@ -28,19 +28,50 @@ On ``stop``, users of children first, then children, then the rest:
 
 A plugin of your own that uses children takes :attr:`Priority.START_CHILD_USERS` and
 :attr:`Priority.STOP_CHILD_USERS`; a server binding a privileged port takes
-:attr:`Priority.START_BIND`.
+:attr:`Priority.START_BIND`. A listener gets its priority from :func:`priority`
+(``@priority(Priority.START_BIND)``), which :meth:`Bus.subscribe` and
+:class:`SimplePlugin` read.
 """
 
 from __future__ import annotations
 
-from typing import Final
+from collections.abc import Callable
+from typing import Any, Final, Protocol, TypeVar, cast
+
+from ._channels import DEFAULT_PRIORITY, check_priority
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+class _Prioritized(Protocol):
+    priority: float
+
+
+def priority(value: float) -> Callable[[_F], _F]:
+    """A decorator that gives a listener (a function, or a plugin's method) its priority.
+
+    ``@priority(Priority.START_PIDFILE)`` sets the callback's ``priority`` attribute, which
+    :meth:`Bus.subscribe` (when it is given no priority of its own) and
+    :class:`SimplePlugin` read; the callback is returned unchanged, with its type.
+
+    Raises:
+        TypeError: ``value`` is not a number (a bool is not one).
+        ValueError: ``value`` is NaN.
+    """
+    checked = check_priority(value)
+
+    def give(callback: _F) -> _F:
+        cast(_Prioritized, callback).priority = checked
+        return callback
+
+    return give
 
 
 class Priority:
     """The start and stop priorities of the built-in plugins (lower runs first; see the module's rules)."""
 
     #: A listener without a priority of its own.
-    DEFAULT: Final = 50
+    DEFAULT: Final = DEFAULT_PRIORITY
 
     # -- start ------------------------------------------------------------------------
     #: SignalHandler begins receiving signals (if the bus was not entered at its subscribe).

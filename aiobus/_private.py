@@ -38,6 +38,7 @@ from anyio.abc import SocketAttribute, SocketListener, SocketStream
 
 from ._link import Link, LinkOptions, check_link_options
 from ._logging import log_to_structlog
+from ._seconds import check_seconds
 
 TOKEN_SIZE = 32
 _OK = b"\x01"
@@ -91,8 +92,7 @@ class PrivateListener:
     """
 
     def __init__(self, *, log: Callable[..., None] | None = None, handshake_timeout: float = 5.0) -> None:
-        if not isinstance(handshake_timeout, int | float) or not 0 < handshake_timeout < float("inf"):
-            raise ValueError(f"handshake_timeout must be a positive number of seconds, not {handshake_timeout!r}")
+        check_seconds("handshake_timeout", handshake_timeout, positive=True)
         self._log = log_to_structlog if log is None else log
         self.handshake_timeout = handshake_timeout
         #: The path of the socket, for :func:`connect_private`.

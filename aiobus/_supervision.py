@@ -51,11 +51,12 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from ._bus import Bus
 from ._channels import ChannelFailures
-from ._order import Priority
+from ._exitcodes import ExitCode
+from ._order import Priority, priority
 from ._plugin import SimplePlugin
+from ._seconds import check_seconds
 from ._state import State
 
-EX_SOFTWARE = 70
 #: The channel on which each child's exit is published, as a :class:`ChildExit`.
 CHILD_EXIT_CHANNEL = "child_exit"
 #: Seconds a child gets to end once its stop is cut short (the stop's deadline reached, a
@@ -303,9 +304,6 @@ class Supervisor(SimplePlugin):
         self.strategy = Strategy(strategy)
         if isinstance(max_restarts, bool) or not isinstance(max_restarts, int) or max_restarts < 0:
             raise ValueError(f"max_restarts must be an int >= 0, not {max_restarts!r}")
-        for label, value in (("within", within), ("backoff", backoff), ("max_backoff", max_backoff)):
-            if not isinstance(value, int | float) or not 0 <= value < math.inf:
-                raise ValueError(f"{label} must be a finite number of seconds >= 0, not {value!r}")
         if concurrency is None:
             concurrency = os.cpu_count() or 1
         if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
@@ -313,9 +311,9 @@ class Supervisor(SimplePlugin):
         self.max_restarts = max_restarts
         self.ordered = bool(ordered)
         self.concurrency = concurrency
-        self.within = float(within)
-        self.backoff = float(backoff)
-        self.max_backoff = float(max_backoff)
+        self.within = check_seconds("within", within)
+        self.backoff = check_seconds("backoff", backoff)
+        self.max_backoff = check_seconds("max_backoff", max_backoff)
         self._children: list[Child] = []
         self._restart_times: deque[float] = deque()
         self._scope: anyio.CancelScope | None = None
@@ -355,6 +353,7 @@ class Supervisor(SimplePlugin):
 
     # -- the bus's channels -----------------------------------------------------------
 
+    @priority(Priority.START_CHILDREN)
     async def start(self) -> None:
         """Start every child in order, each once the one before is ready.
 
@@ -389,8 +388,7 @@ class Supervisor(SimplePlugin):
         self._ended = anyio.Event()
         self.bus.start_soon(self._supervise, self._scope, send, receive, name="aiobus supervisor")
 
-    start.priority = Priority.START_CHILDREN  # type: ignore[attr-defined]
-
+    @priority(Priority.STOP_CHILDREN)
     async def stop(self) -> None:
         """Stop every child; no restart happens from here on.
 
@@ -436,8 +434,6 @@ class Supervisor(SimplePlugin):
             for child in self._children:
                 if child.state is not ChildState.FAILED and not self._running(child):
                     child.state = ChildState.STOPPED
-
-    stop.priority = Priority.STOP_CHILDREN  # type: ignore[attr-defined]
 
     async def graceful(self) -> None:
         """Pass graceful on to every running child.
@@ -807,7 +803,7 @@ class Supervisor(SimplePlugin):
             children=[child.name for child in affected],
             reason=reason,
         )
-        self.bus.exit_code = EX_SOFTWARE
+        self.bus.exit_code = ExitCode.SOFTWARE
         self.bus.start_soon(self.bus.exit)
 
 

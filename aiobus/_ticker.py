@@ -1,4 +1,5 @@
-"""The main ticker: a task that publishes ``main`` on a drift-free schedule."""
+"""The main ticker: a task that publishes ``main`` on a drift-free schedule (:class:`Schedule`, which
+Monitor follows too)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,59 @@ import math
 from collections.abc import Awaitable, Callable
 
 import anyio
+
+from ._seconds import check_seconds
+
+
+class Schedule:
+    """The points ``start + k * interval`` for k = 1, 2, ...: a drift-free schedule.
+
+    Each point is computed from the start, not from the previous one, so the schedule
+    never drifts with the time the work between points takes. :attr:`due` is the
+    next point; once its work is done, :meth:`advance` moves to the first point still
+    ahead (at least the one after), so work that overran its period causes no burst of
+    catch-up work: the points it overran are skipped, and counted. After a pause (no
+    work wanted), :meth:`resume` goes on at the first point ahead.
+
+    Args:
+        interval: seconds between two points (a finite number > 0).
+        start: the schedule's origin on anyio's clock; now (``anyio.current_time()``) if None.
+
+    Raises:
+        ValueError: ``interval`` is not a finite number of seconds > 0.
+    """
+
+    def __init__(self, interval: float, start: float | None = None) -> None:
+        self.interval = check_seconds("interval", interval, positive=True)
+        self.start = anyio.current_time() if start is None else start
+        self._point = 1
+
+    @property
+    def due(self) -> float:
+        """When the next point is due, on anyio's clock."""
+        return self.start + self._point * self.interval
+
+    def advance(self) -> int:
+        """Move to the first point after now, and at least to the one after :attr:`due`.
+
+        Returns:
+            How many points were skipped: those between the old :attr:`due` and the new one.
+        """
+        following = max(self._point + 1, self._ahead())
+        skipped = following - self._point - 1
+        self._point = following
+        return skipped
+
+    def resume(self) -> None:
+        """After a pause: move to the first point after now, if :attr:`due` has passed.
+
+        The points passed are not counted as skipped: no work was due at them.
+        """
+        self._point = max(self._point, self._ahead())
+
+    def _ahead(self) -> int:
+        """The number of the first point after now."""
+        return math.floor((anyio.current_time() - self.start) / self.interval) + 1
 
 
 class Ticker:
@@ -48,25 +102,21 @@ class Ticker:
             self._done.set()
 
     async def _loop(self) -> None:
-        start = anyio.current_time()
-        due = 1
+        schedule = Schedule(self.interval)
         while True:
             if self._wanted is not None and not self._wanted():
                 while not self._wanted() and not self._stopping.is_set():
                     self._wake = anyio.Event()
                     await self._wake.wait()
-                due = max(due, math.floor((anyio.current_time() - start) / self.interval) + 1)
-            with anyio.CancelScope(deadline=start + due * self.interval):
+                schedule.resume()
+            with anyio.CancelScope(deadline=schedule.due):
                 await self._stopping.wait()
             if self._stopping.is_set():
                 return
             await self._tick()
-            # The first schedule point still ahead of us; the ones between are skipped.
-            elapsed = anyio.current_time() - start
-            following = max(due + 1, math.floor(elapsed / self.interval) + 1)
-            if following > due + 1:
-                self._skipped(following - due - 1)
-            due = following
+            skipped = schedule.advance()
+            if skipped:
+                self._skipped(skipped)
 
     @property
     def running(self) -> bool:

@@ -69,3 +69,9 @@ def test_priority_names_plain_numbers_a_listener_can_take() -> None:
     bus = aiobus.Bus()
     bus.subscribe("start", print, priority=aiobus.Priority.START_BIND)
     assert bus.listeners["start"] == (print,)
+
+
+def test_exit_codes_are_the_documented_numbers() -> None:
+    """ExitCode holds the numbers the README documents: 0 clean, 1 daemon failed, 2 usage, 70 failure, 130 forced."""
+    codes = aiobus.ExitCode
+    assert (codes.OK, codes.FAILURE, codes.USAGE, codes.SOFTWARE, codes.FORCED) == (0, 1, 2, 70, 130)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 from typing import Any
 
 import anyio
@@ -11,7 +12,7 @@ import anyio.lowlevel
 import pytest
 from helpers import LogRecorder
 
-from aiobus import Bus, ChannelFailures
+from aiobus import Bus, ChannelFailures, priority
 
 
 class TestSubscribe:
@@ -50,26 +51,41 @@ class TestSubscribe:
             bus.subscribe("x", functools.partial(lambda i: i, index), priority=50)
         assert await bus.publish("x") == list(range(20))
 
-    async def test_priority_attribute_is_used_without_an_argument(self) -> None:
-        """A callback's ``priority`` attribute sets its priority when none is passed."""
+    async def test_priority_given_by_the_decorator_is_used_without_an_argument(self) -> None:
+        """The priority ``@priority(n)`` gave a callback is its priority when none is passed."""
         bus = Bus()
 
+        @priority(5)
         def first() -> str:
             return "first"
 
-        first.priority = 5  # type: ignore[attr-defined]
         bus.subscribe("x", lambda: "default")
         bus.subscribe("x", first)
         assert await bus.publish("x") == ["first", "default"]
+
+    def test_the_priority_decorator_returns_the_callback_itself(self) -> None:
+        """``@priority(n)`` hands back the very callback it decorates, with its priority attribute set."""
+
+        def callback() -> None:
+            pass
+
+        assert priority(7.5)(callback) is callback
+        assert vars(callback)["priority"] == 7.5
+
+    @pytest.mark.parametrize(("value", "error"), [(True, TypeError), ("5", TypeError), (math.nan, ValueError)])
+    def test_the_priority_decorator_refuses_what_cannot_be_ordered(self, value: object, error: type) -> None:
+        """A bool, a str or NaN is refused when the decorator is made, not later at subscribe."""
+        with pytest.raises(error, match="priority must be a number"):
+            priority(value)  # type: ignore[arg-type]
 
     async def test_priority_argument_beats_the_attribute(self) -> None:
         """An explicit priority wins over the callback's attribute."""
         bus = Bus()
 
+        @priority(5)
         def late() -> str:
             return "late"
 
-        late.priority = 5  # type: ignore[attr-defined]
         bus.subscribe("x", late, priority=90)
         bus.subscribe("x", lambda: "default")
         assert await bus.publish("x") == ["default", "late"]

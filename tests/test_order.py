@@ -3,6 +3,7 @@ whose Monitor uses a child while SIGTERM shuts it down."""
 
 from __future__ import annotations
 
+import re
 import signal
 import socket
 import sys
@@ -60,6 +61,21 @@ class TestContract:
         assert start[start.index(privileges.start) :] == (privileges.start, supervisor.start, monitor.start)
         assert set(bus.listeners["stop"][:2]) == {monitor.stop, reloader.stop}
         assert bus.listeners["stop"][2:] == (supervisor.stop, default)
+
+    def test_the_readme_table_gives_every_priority_with_its_number(self) -> None:
+        """The README's table of the order of plugins names every Priority with the number it has."""
+        readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+        table = readme.split("### The order of plugins", 1)[1].split("\n\n", 2)[2].split("\n\n", 1)[0]
+        documented: dict[str, int] = {}
+        for row in table.splitlines()[2:]:
+            _, number_cell, name_cell = row.split("|")[1:4]
+            numbers = [int(number) for number in re.findall(r"\d+", number_cell)]
+            names = re.findall(r"`(\w+)`", name_cell)
+            if len(numbers) == 1:  # one number for all the names of the row
+                numbers *= len(names)
+            documented.update(zip(names, numbers, strict=True))
+        actual = {name: value for name, value in vars(Priority).items() if name.isupper()}
+        assert actual == documented
 
 
 # A service: SignalHandler, one child that takes a second to stop (so that a user still running then

@@ -1,13 +1,14 @@
-"""The main channel: an anyio task ticking on a drift-free schedule while STARTED."""
+"""The main channel: an anyio task ticking on a drift-free schedule (aiobus.Schedule) while STARTED."""
 
 from __future__ import annotations
 
 import math
 
 import anyio
+import pytest
 from helpers import wait_for_ticks
 
-from aiobus import Bus, State
+from aiobus import Bus, Schedule, State
 
 
 class TestMainTicker:
@@ -119,3 +120,40 @@ class TestMainTicker:
             await bus.stop()
             stats = bus.statistics()
         assert stats.publishes["main"] == stats.ticks
+
+
+class TestSchedule:
+    async def test_points_are_start_plus_k_intervals(self) -> None:
+        """The points are start + k * interval, each from the start: work done on time skips none."""
+        schedule = Schedule(100.0)
+        assert schedule.due == schedule.start + 100.0
+        assert schedule.advance() == 0
+        assert schedule.due == schedule.start + 200.0
+        assert schedule.advance() == 0
+        assert schedule.due == schedule.start + 300.0
+
+    async def test_an_overrun_skips_the_points_it_passed_and_counts_them(self) -> None:
+        """Work that ran past two more points goes on at the first point ahead, and says two were skipped."""
+        schedule = Schedule(10.0, start=anyio.current_time() - 35.0)  # point 1 was due 25 s ago
+        assert schedule.advance() == 2  # points 2 and 3 passed too
+        assert schedule.due == schedule.start + 40.0
+
+    async def test_resume_after_a_pause_goes_on_at_the_first_point_ahead(self) -> None:
+        """After a pause past three points, resume() moves to the first point ahead; a due point still ahead stays."""
+        schedule = Schedule(10.0, start=anyio.current_time() - 35.0)
+        schedule.resume()
+        assert schedule.due == schedule.start + 40.0
+        schedule.resume()
+        assert schedule.due == schedule.start + 40.0
+
+    async def test_the_start_defaults_to_now_on_anyio_s_clock(self) -> None:
+        """Without a start, the schedule starts at anyio.current_time()."""
+        before = anyio.current_time()
+        schedule = Schedule(1.0)
+        assert before <= schedule.start <= anyio.current_time()
+
+    @pytest.mark.parametrize("interval", [0, -1, math.inf, math.nan])
+    def test_an_interval_that_is_not_positive_and_finite_is_a_value_error(self, interval: float) -> None:
+        """A schedule needs a finite interval > 0."""
+        with pytest.raises(ValueError, match="interval must be a finite number of seconds > 0"):
+            Schedule(interval, start=0.0)

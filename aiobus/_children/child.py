@@ -37,11 +37,10 @@ import structlog
 from anyio.abc import ObjectReceiveStream, UNIXSocketStream
 
 from .._bus import Bus
+from .._exitcodes import ExitCode
 from .._link import EndOfLink, Link, UndecodableFrame
 from .._state import State
 from .messages import BEAT, ChildSpec, Done, EndOfInput, Graceful, Ready, Stop, encode_log, receive_control
-
-EXIT_FAILED = 1
 
 
 class ParentLink(ObjectReceiveStream[Any]):
@@ -147,7 +146,7 @@ def run_child(spec: ChildSpec) -> NoReturn:
 def _die_with_parent(parent_pid: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     if os.getppid() != parent_pid:  # the parent died already
-        os._exit(EXIT_FAILED)
+        os._exit(ExitCode.FAILURE)
     # Not PR_SET_PDEATHSIG: it fires when the parent's *thread* that forked ends, and
     # trio starts processes from worker threads that end when idle.
     threading.Thread(target=_watch_parent, args=(parent_pid,), name="aiobus parent watch", daemon=True).start()
@@ -250,10 +249,10 @@ async def _run_user(
                 await fn(bus, link)
         except Exception:
             structlog.get_logger("aiobus").exception("The child's function failed")
-            return EXIT_FAILED  # the message it was working on, if any, stays unacknowledged
+            return ExitCode.FAILURE  # the message it was working on, if any, stays unacknowledged
         link.acknowledged = link.received  # it returned: done with every message it took
         await stop_requested.wait()
-    return 0
+    return ExitCode.OK
 
 
 class Heartbeat:

@@ -34,6 +34,7 @@ from anyio.abc import ByteReceiveStream, ObjectReceiveStream, UNIXSocketStream
 
 from .._bus import Bus
 from .._link import EndOfLink, Link, LinkOptions, Skipped, UndecodableFrame, UndeliveredMessages, check_link_options
+from .._seconds import check_seconds
 from .._supervision import Child, ChildExit, ChildState, Restart, Supervisor
 from .child import ParentLink, run_child
 from .messages import (
@@ -198,9 +199,8 @@ class ChildBroker(Child, ObjectReceiveStream[Any]):
             ("start_timeout", start_timeout),
             ("send_timeout", send_timeout),
         ):
-            _check_seconds(label, value, zero=True)
-        if hang_timeout is not None:
-            _check_seconds("hang_timeout", hang_timeout, zero=False)
+            check_seconds(label, value)
+        check_seconds("hang_timeout", hang_timeout, positive=True, optional=True)
         if heartbeat_misses is not None and (
             isinstance(heartbeat_misses, bool) or not isinstance(heartbeat_misses, int) or heartbeat_misses < 1
         ):
@@ -511,13 +511,6 @@ def _check_function(fn: object) -> None:
             f"the child's function {fn!r} cannot be sent to a child process ({error}): "
             "define it at the top level of a module"
         ) from None
-
-
-def _check_seconds(label: str, value: object, *, zero: bool) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < math.inf:
-        raise ValueError(f"{label} must be a finite number of seconds >= 0, not {value!r}")
-    if not zero and value == 0:
-        raise ValueError(f"{label} must be a positive number of seconds, not {value!r}")
 
 
 class _Incarnation:

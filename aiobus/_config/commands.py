@@ -8,10 +8,9 @@ from collections.abc import Sequence
 from typing import Any, NoReturn
 
 from .._bus import Bus
+from .._exitcodes import ExitCode
 from .build import Service, build, import_functions
 from .validate import ConfigError, ServiceSpec, load_service
-
-EX_USAGE = 2
 
 
 def add_file_arguments(commands: Any, run: argparse.ArgumentParser) -> None:
@@ -98,7 +97,7 @@ def check_command(args: argparse.Namespace, defaults: dict[str, Any]) -> int:
     programs = sum(child.kind == "program" for child in spec.children)
     counts = [(programs, "program"), (len(spec.children) - programs, "broker"), (len(spec.groups), "group")]
     sys.stdout.write(f"{spec.path}: OK: {', '.join(f'{n} {noun}' + ('' if n == 1 else 's') for n, noun in counts)}\n")
-    return 0
+    return ExitCode.OK
 
 
 def _load(args: argparse.Namespace) -> ServiceSpec:
@@ -127,7 +126,7 @@ def _merge(
 
 def _report(problems: list[str]) -> int:
     sys.stderr.write("".join(f"aiobus: error: {problem}\n" for problem in problems))
-    return EX_USAGE
+    return ExitCode.USAGE
 
 
 def _exit(problems: list[str]) -> NoReturn:

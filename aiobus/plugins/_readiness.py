@@ -23,6 +23,8 @@ from typing import Literal
 
 import anyio
 
+from aiobus import check_seconds
+
 LISTEN = "0A"  # the state of a listening socket in /proc/net/tcp
 WILDCARDS = frozenset({ipaddress.ip_address("0.0.0.0"), ipaddress.ip_address("::")})
 
@@ -65,8 +67,7 @@ class PortReady:
             raise ValueError(f"PortReady needs a TCP port from 1 to 65535, not {self.port!r}")
         if not isinstance(self.host, str) or not self.host:
             raise TypeError(f"PortReady needs a host name or address, not {self.host!r}")
-        if isinstance(self.interval, bool) or not isinstance(self.interval, int | float) or not self.interval > 0:
-            raise ValueError(f"PortReady's interval must be a positive number of seconds, not {self.interval!r}")
+        check_seconds("PortReady's interval", self.interval, positive=True)
 
     def for_instance(self, names: dict[str, object]) -> PortReady:
         """This check for one instance of a program: a template port filled in with its ``names``.

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from aiobus import Bus, Priority, SimplePlugin
+from aiobus import Bus, Priority, SimplePlugin, check_seconds, priority
 
 if TYPE_CHECKING:
     from watchfiles import Change
@@ -129,11 +129,9 @@ class Autoreloader(SimplePlugin):
         watchfiles = _import_watchfiles()
         if isinstance(paths, str | os.PathLike):
             raise TypeError(f"Autoreloader paths is an iterable of paths, not the single path {paths!r}")
-        if isinstance(debounce, bool) or not isinstance(debounce, int | float) or not 0 <= debounce < math.inf:
-            raise ValueError(f"the Autoreloader's debounce must be a finite number of seconds >= 0, not {debounce!r}")
+        self.debounce = check_seconds("the Autoreloader's debounce", debounce)
         super().__init__(bus)
         self.paths = tuple(_checked_path(path) for path in paths or ())
-        self.debounce = float(debounce)
         self.include_site_packages = include_site_packages
         self._awatch: Callable[..., Any] = watchfiles.awatch
         self._dir_filter: Callable[[Change, str], bool] = watchfiles.DefaultFilter()
@@ -158,6 +156,7 @@ class Autoreloader(SimplePlugin):
 
     # -- channels -------------------------------------------------------------------
 
+    @priority(Priority.START_AUTORELOAD)
     async def start(self) -> None:
         """Start watching in a task of the bus; a no-op if it watches already.
 
@@ -168,8 +167,7 @@ class Autoreloader(SimplePlugin):
             self._run = run
             self.bus.start_soon(self._task, run, name="autoreloader")
 
-    start.priority = Priority.START_AUTORELOAD  # type: ignore[attr-defined]
-
+    @priority(Priority.STOP_AUTORELOAD)
     async def stop(self) -> None:
         """Stop watching and wait until the task has ended (watchfiles' thread within a tenth of a second).
 
@@ -185,8 +183,6 @@ class Autoreloader(SimplePlugin):
             await run.done.wait()
         if self._run is run:
             self._run = None
-
-    stop.priority = Priority.STOP_AUTORELOAD  # type: ignore[attr-defined]
 
     def unsubscribe(self) -> None:
         """Unsubscribe from the bus and stop watching, without waiting for the task to end."""

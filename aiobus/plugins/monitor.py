@@ -11,14 +11,13 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
 
-from aiobus import Bus, Priority, SimplePlugin
+from aiobus import Bus, Priority, Schedule, SimplePlugin, check_seconds, priority
 
 
 @dataclass(frozen=True)
@@ -56,11 +55,11 @@ def _callback_name(callback: object) -> str:
 class Monitor(SimplePlugin):
     """Calls ``callback()`` every ``frequency`` seconds while the bus is started.
 
-    The first call comes ``frequency`` seconds after ``start``, then at
-    ``start + k * frequency`` for k = 2, 3...: the schedule does not drift with the
-    time the calls take. A call that overruns its period delays the next one but
-    causes no burst of catch-up calls; the dropped points are counted as
-    ``skipped`` in :meth:`statistics`.
+    The calls follow an :class:`aiobus.Schedule`, as the bus's main tick does: the
+    first comes ``frequency`` seconds after ``start``, then at ``start + k * frequency``
+    for k = 2, 3...: the schedule does not drift with the time the calls take. A call
+    that overruns its period delays the next one but causes no burst of catch-up
+    calls; the dropped points are counted as ``skipped`` in :meth:`statistics`.
 
     The callback may be sync or async (or return an awaitable). A sync callback runs
     in the event loop and must be quick; wrap blocking work as
@@ -92,15 +91,11 @@ class Monitor(SimplePlugin):
     def __init__(self, bus: Bus, callback: Callable[[], Any], frequency: float, name: str | None = None) -> None:
         if not callable(callback):
             raise TypeError(f"a Monitor's callback must be callable, not {callback!r}")
-        if isinstance(frequency, bool) or not isinstance(frequency, int | float):
-            raise ValueError(f"a Monitor's frequency must be a number of seconds, not {frequency!r}")
-        if not 0 < frequency < math.inf:  # also rejects NaN
-            raise ValueError(f"a Monitor's frequency must be a positive finite number of seconds, not {frequency!r}")
+        self.frequency = check_seconds("a Monitor's frequency", frequency, positive=True)
         if name is not None and not isinstance(name, str):
             raise TypeError(f"a Monitor's name must be a str, not {name!r}")
         super().__init__(bus)
         self.callback = callback
-        self.frequency = float(frequency)
         self.name = _callback_name(callback) if name is None else name
         self._run: _Run | None = None
         self._runs = 0
@@ -112,6 +107,7 @@ class Monitor(SimplePlugin):
 
     # -- channels -------------------------------------------------------------------
 
+    @priority(Priority.START_CHILD_USERS)
     async def start(self) -> None:
         """Run the monitor as a task of the bus; a no-op if it runs already.
 
@@ -120,8 +116,7 @@ class Monitor(SimplePlugin):
         if self._run is None or self._run.scope.cancel_called:
             self._launch()
 
-    start.priority = Priority.START_CHILD_USERS  # type: ignore[attr-defined]
-
+    @priority(Priority.STOP_CHILD_USERS)
     async def stop(self) -> None:
         """Cancel the monitor's task and wait until it has ended.
 
@@ -129,8 +124,6 @@ class Monitor(SimplePlugin):
         task is cancelled all the same.
         """
         await self._halt()
-
-    stop.priority = Priority.STOP_CHILD_USERS  # type: ignore[attr-defined]
 
     async def graceful(self) -> None:
         """Restart a running monitor (its schedule starts over); a stopped one stays stopped.
@@ -180,15 +173,11 @@ class Monitor(SimplePlugin):
             run.done.set()
 
     async def _loop(self) -> None:
-        start = anyio.current_time()
-        due = 1
+        schedule = Schedule(self.frequency)
         while True:
-            await anyio.sleep_until(start + due * self.frequency)
+            await anyio.sleep_until(schedule.due)
             await self._call()
-            # The first schedule point still ahead; the ones a slow call overran are skipped.
-            following = max(due + 1, math.floor((anyio.current_time() - start) / self.frequency) + 1)
-            self._skipped += following - due - 1
-            due = following
+            self._skipped += schedule.advance()
 
     async def _call(self) -> None:
         try:

@@ -20,7 +20,7 @@ from typing import Any
 
 import anyio
 
-from aiobus import Bus, Priority, SimplePlugin
+from aiobus import Bus, Priority, SimplePlugin, priority
 
 _MODE = 0o644
 # How long a start waits for a file that is locked but names no live pid: the
@@ -153,6 +153,7 @@ class PIDFile(SimplePlugin):
 
     # -- start ---------------------------------------------------------------------
 
+    @priority(Priority.START_PIDFILE)
     async def start(self) -> None:
         """Write and lock the PID file.
 
@@ -189,8 +190,6 @@ class PIDFile(SimplePlugin):
                     raise PIDFileLockedError(self.path, named)
                 await anyio.sleep(_SETTLE_STEP)
                 waited += _SETTLE_STEP
-
-    start.priority = Priority.START_PIDFILE  # type: ignore[attr-defined]
 
     def _check_folder(self) -> None:
         """Warn if anyone may replace the file: a folder writable by all, without the sticky bit."""

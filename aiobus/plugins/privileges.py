@@ -15,7 +15,7 @@ import pwd
 from dataclasses import dataclass
 from typing import Any
 
-from aiobus import Bus, Priority, SimplePlugin, end_idle_workers
+from aiobus import Bus, Priority, SimplePlugin, end_idle_workers, priority
 
 _CAP_SETGID = 6
 _CAP_SETUID = 7
@@ -176,6 +176,7 @@ class DropPrivileges(SimplePlugin):
             return tuple(sorted(set(os.getgrouplist(self.user, self.gid))))
         return (self.gid,)
 
+    @priority(Priority.START_DROP_PRIVILEGES)
     async def start(self) -> None:
         """Drop to the user and group given, then set the umask.
 
@@ -219,8 +220,6 @@ class DropPrivileges(SimplePlugin):
             os.umask(self.umask)
         after = _Identity.now()
         self.bus.log(f"Privileges after the drop: {after.describe()}", **after.fields())
-
-    start.priority = Priority.START_DROP_PRIVILEGES  # type: ignore[attr-defined]
 
     def _check_allowed(self, before: _Identity, change_groups: bool, change_uid: bool) -> None:
         """Raise PermissionError, before any change, if a change needed is not allowed."""

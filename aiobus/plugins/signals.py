@@ -12,15 +12,13 @@ from typing import Any
 
 import anyio
 
-from aiobus import Bus, Priority, State
+from aiobus import Bus, ExitCode, Priority, State
 
 Handler = str | Callable[..., Any]
 SignalSpec = str | int | signal.Signals
 
 #: Channel names that run the bus's transition of that name rather than a bare publish.
 TRANSITIONS = ("start", "stop", "graceful", "exit", "restart")
-#: Exit code after a second Ctrl-C forced the shutdown (128 + SIGINT).
-FORCED_EXIT_CODE = 130
 _UNCATCHABLE = {signal.SIGKILL, signal.SIGSTOP}
 #: What a signal handled by a transition does, as its log line says it: ``Caught SIGUSR1: graceful``.
 _DOING = {"start": "starting", "stop": "stopping", "graceful": "graceful", "exit": "exiting", "restart": "restarting"}
@@ -164,7 +162,7 @@ class SignalHandler:
         shutting_down = self._exiting or self.bus.state in (State.STOPPING, State.EXITING)
         if sig is signal.SIGINT and shutting_down:
             self.bus.log("Caught a second SIGINT: forcing the shutdown", logging.WARNING, signal=sig.name)
-            self.bus.force_exit(FORCED_EXIT_CODE)
+            self.bus.force_exit(ExitCode.FORCED)
             return
         handler = self.handlers[sig]
         action = handler if isinstance(handler, str) else getattr(handler, "__qualname__", repr(handler))

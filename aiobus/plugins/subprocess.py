@@ -36,7 +36,6 @@ is stopped: a program cannot be restarted while a stop is under way (circus#529)
 from __future__ import annotations
 
 import logging
-import math
 import os
 import signal
 import subprocess
@@ -48,7 +47,7 @@ from dataclasses import dataclass, field
 import anyio
 from anyio.abc import ByteReceiveStream, Process
 
-from aiobus import Bus, Child, ChildExit, LineSplitter, Restart, Supervisor
+from aiobus import Bus, Child, ChildExit, LineSplitter, Restart, Supervisor, check_seconds
 
 from ._readiness import LineReady, PortReady
 
@@ -81,14 +80,6 @@ class _Run:
     known: anyio.Event = field(default_factory=anyio.Event)  # the pid is known, or never will be
     line_seen: anyio.Event = field(default_factory=anyio.Event)
     ended: anyio.Event = field(default_factory=anyio.Event)
-
-
-def _seconds(label: str, value: object, *, zero: bool) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < math.inf:
-        raise ValueError(f"{label} must be a finite number of seconds, not {value!r}")
-    if not zero and value == 0:
-        raise ValueError(f"{label} must be a positive number of seconds, not {value!r}")
-    return float(value)
 
 
 def _check_argv(argv: object) -> list[str]:
@@ -213,15 +204,15 @@ class Subprocess(Child):
         if kill_after is not None and stop_timeout is not None:
             raise TypeError("give kill_after or stop_timeout (its old name), not both")
         if stop_timeout is not None:
-            self.kill_after = _seconds("stop_timeout", stop_timeout, zero=True)
+            self.kill_after = check_seconds("stop_timeout", stop_timeout)
         else:
-            self.kill_after = _seconds("kill_after", KILL_AFTER if kill_after is None else kill_after, zero=True)
+            self.kill_after = check_seconds("kill_after", KILL_AFTER if kill_after is None else kill_after)
         if ready is not None and not isinstance(ready, PortReady | LineReady):
             raise TypeError(f"ready must be None, a PortReady or a LineReady, not {ready!r}")
         if isinstance(ready, PortReady) and isinstance(ready.port, str) and instances is None:
             raise ValueError(f"PortReady's port {ready.port!r} is a template: give the program instances=N")
         self.ready = ready
-        self.ready_timeout = _seconds("ready_timeout", ready_timeout, zero=False)
+        self.ready_timeout = check_seconds("ready_timeout", ready_timeout, positive=True)
         if isinstance(max_line, bool) or not isinstance(max_line, int) or max_line < 1:
             raise ValueError(f"max_line must be a number of bytes >= 1, not {max_line!r}")
         self.max_line = max_line

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 
 import anyio
 
-from aiobus import Bus, Priority, SimplePlugin, State
+from aiobus import Bus, Priority, SimplePlugin, State, priority
 
 #: The message (one datagram) sent as the bus enters each state.
 STATE_MESSAGES = {
@@ -175,17 +175,15 @@ class SystemdNotifier(SimplePlugin):
             return
         self.notify(STATE_MESSAGES[new])
 
+    @priority(Priority.START_SYSTEMD)
     def start(self) -> None:
         self._check_interval()
 
-    start.priority = Priority.START_SYSTEMD  # type: ignore[attr-defined]
-
+    @priority(Priority.GRACEFUL_SYSTEMD_RELOADING)
     def graceful(self) -> None:
         if self.address is not None and self.bus.state is State.STARTED:
             self._reloading = True
             self.notify(f"RELOADING=1\nMONOTONIC_USEC={_monotonic_usec()}\nSTATUS=Reloading")
-
-    graceful.priority = Priority.GRACEFUL_SYSTEMD_RELOADING  # type: ignore[attr-defined]
 
     def _reloaded(self) -> None:
         if self._reloading and self.bus.state is State.STARTED:

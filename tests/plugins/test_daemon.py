@@ -15,7 +15,7 @@ import anyio
 import pytest
 from processes import Child, Spawner
 
-from aiobus import Bus, daemonize
+from aiobus import Bus, DaemonReporter, daemonize
 from aiobus._daemon import Daemon, _read_report
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="fork, sessions and /proc (Linux)")
@@ -23,7 +23,7 @@ pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="fork, sessions 
 SERVICE = """
 import os, signal, sys, time
 import anyio
-from aiobus import Bus, configure_logging, daemonize
+from aiobus import Bus, DaemonReporter, configure_logging, daemonize
 
 MODE, WORKDIR = sys.argv[1], sys.argv[2]
 
@@ -45,7 +45,7 @@ if MODE == "silent":
 
 async def main() -> int:
     async with Bus(main_interval=0.05) as bus:
-        daemon.subscribe(bus)
+        DaemonReporter(bus, daemon).subscribe()
 
         @bus.subscribe("start")
         async def slow_start() -> None:
@@ -263,7 +263,7 @@ class TestReports:
         read_fd, write_fd = os.pipe()
         daemon = Daemon(write_fd)
         async with Bus() as bus:
-            daemon.subscribe(bus)
+            DaemonReporter(bus, daemon).subscribe()
 
             @bus.subscribe("start", priority=10**9)
             def last() -> None:
@@ -278,7 +278,7 @@ class TestReports:
         read_fd, write_fd = os.pipe()
         daemon = Daemon(write_fd)
         async with Bus() as bus:
-            daemon.subscribe(bus)
+            DaemonReporter(bus, daemon).subscribe()
         assert self.reports(read_fd)[1:] == [{"failed": "the bus exited before it started"}]
 
     async def test_only_the_first_report_counts(self) -> None:
@@ -288,9 +288,40 @@ class TestReports:
         daemon.failed("no database")
         daemon.started()
         async with Bus() as bus:
-            daemon.subscribe(bus)
+            DaemonReporter(bus, daemon).subscribe()
             await bus.start()
         assert self.reports(read_fd)[1:] == [{"failed": "no database"}]
+
+    async def test_unsubscribed_reporter_reports_nothing(self) -> None:
+        """A reporter taken off before the start leaves the bus's start unreported."""
+        read_fd, write_fd = os.pipe()
+        daemon = Daemon(write_fd)
+        async with Bus() as bus:
+            reporter = DaemonReporter(bus, daemon)
+            reporter.subscribe()
+            reporter.unsubscribe()
+            await bus.start()
+            assert not daemon.reported
+        daemon.started()
+        assert self.reports(read_fd)[1:] == [{"started": True}]
+
+    async def test_the_old_subscribe_with_the_bus_still_reports_with_a_deprecation_warning(self) -> None:
+        """``daemon.subscribe(bus)`` and ``daemon.unsubscribe(bus)`` warn, and still attach and detach."""
+        read_fd, write_fd = os.pipe()
+        daemon = Daemon(write_fd)
+        async with Bus() as bus:
+            before = bus.listeners
+            with pytest.warns(DeprecationWarning, match=r"DaemonReporter\(bus, daemon\)\.subscribe\(\)"):
+                daemon.subscribe(bus)
+            assert bus.listeners != before
+            with pytest.warns(DeprecationWarning, match=r"DaemonReporter\(bus, daemon\)\.unsubscribe\(\)"):
+                daemon.unsubscribe(bus)
+            assert bus.listeners == before
+            with pytest.warns(DeprecationWarning):
+                daemon.subscribe(bus)
+            await bus.start()
+            assert daemon.reported
+        assert self.reports(read_fd)[1:] == [{"started": True}]
 
 
 class TestReportReading:

@@ -19,6 +19,7 @@ from helpers import LogRecorder
 from processes import Spawner
 
 from aiobus import Bus, Priority, State, Supervisor
+from aiobus._channels import resolve_priority
 from aiobus.plugins import Monitor
 
 WAIT = 10  # seconds: a generous bound on waits that normally take a fraction of a second
@@ -95,7 +96,7 @@ class TestConstruction:
         supervisor.subscribe()
         assert bus.listeners["start"][-2:] == (supervisor.start, monitor.start)
         assert bus.listeners["stop"][:2] == (monitor.stop, supervisor.stop)
-        assert (monitor.start.priority, monitor.stop.priority) == (  # type: ignore[attr-defined]
+        assert (resolve_priority(monitor.start, None), resolve_priority(monitor.stop, None)) == (
             Priority.START_CHILD_USERS,
             Priority.STOP_CHILD_USERS,
         )
