@@ -16,6 +16,7 @@ import logging
 import os
 import stat
 import tempfile
+import warnings
 from typing import Any
 
 import anyio
@@ -34,6 +35,10 @@ class _Lock(enum.Enum):
     TAKEN = "taken"  # we hold the lock of the file at the path
     HELD = "held"  # another process holds it
     CHANGED = "changed"  # the file was replaced or removed meanwhile: look again
+
+
+class PIDFileFolderWarning(UserWarning):
+    """The folder of a PID file lets other users write to it: they can block the start."""
 
 
 class PIDFileLockedError(FileExistsError):
@@ -99,13 +104,13 @@ class PIDFile(SimplePlugin):
     """Writes the process id to ``path`` at start (priority 70) and removes it at exit.
 
     At start, if the file exists and another process holds its lock, the start fails
-    with :class:`PIDFileLockedError` naming the pid in the file. If nobody holds it
-    but the pid it names is a running process (not this one), the start fails the
-    same way: that process may be the service, run by something that does not lock.
-    Otherwise the file is stale (its process died without removing it): it is
-    replaced, with a warning. The new file is written whole to a temporary file in the same folder,
-    locked, then renamed into place (or linked, if there was no file), so that a
-    reader never sees it empty or half written. Its mode is 0644 whatever the umask.
+    with :class:`PIDFileLockedError` naming the pid in the file. If nobody holds it,
+    the file is stale (its process died without removing it): it is replaced, with a
+    warning, even if the pid it names is running: after a crash or a reboot that pid
+    may belong to an unrelated process, and only the lock tells the owner is alive.
+    The new file is written whole to a temporary file in the same folder, locked,
+    then renamed into place (or linked, if there was no file), so that a reader
+    never sees it empty or half written. Its mode is 0644 whatever the umask.
     The lock is held until exit.
 
     At exit the file is removed only if it still holds this process's pid, and the
@@ -114,7 +119,10 @@ class PIDFile(SimplePlugin):
     Security: the last component of ``path`` is never followed if it is a symbolic
     link, and an existing file must be a regular file owned by this user or by root,
     or the start fails. Give a folder that only the service's user (or root) may
-    write to, such as ``/run/<service>/``. With :class:`DropPrivileges`, which runs
+    write to, such as ``/run/<service>/``: in a folder others may write to, even a
+    sticky one such as ``/tmp``, another user can create the file first and so block
+    the start (or, without the sticky bit, replace it). Such a folder is warned about
+    at construction (:class:`PIDFileFolderWarning`). With :class:`DropPrivileges`, which runs
     after it (77), that folder must let the new user create and remove files, or the
     file cannot be removed at exit (a warning) nor written again after a restart.
 
@@ -125,6 +133,10 @@ class PIDFile(SimplePlugin):
         bus: the bus.
         path: the PID file. A relative path is made absolute now, against the current
             folder, so that a later ``chdir`` (daemonizing) does not move it.
+
+    Warns:
+        PIDFileFolderWarning: at construction, users other than the folder's owner may
+            write to the folder of ``path`` (it is group- or world-writable).
 
     Raises:
         FileNotFoundError: at construction, the folder of ``path`` does not exist.
@@ -143,6 +155,7 @@ class PIDFile(SimplePlugin):
         if os.path.isdir(self.path) and not os.path.islink(self.path):
             raise IsADirectoryError(errno.EISDIR, "a PID file cannot be a folder", self.path)
         self._folder = folder
+        self._check_folder()
         self._fd: int | None = None
         self._pid: int | None = None
 
@@ -167,7 +180,6 @@ class PIDFile(SimplePlugin):
         """
         if self._fd is not None:
             return  # started again after a stop: the file is still ours
-        self._check_folder()
         pid = os.getpid()
         waited = 0.0
         while True:
@@ -178,8 +190,6 @@ class PIDFile(SimplePlugin):
                 continue  # another process created it meanwhile: look at theirs
             try:
                 outcome, named = self._try_lock(fd)
-                if outcome is _Lock.TAKEN and named is not None and named != pid and _is_alive(named):
-                    raise PIDFileLockedError(self.path, named, locked=False)
                 if outcome is _Lock.TAKEN and self._replace(fd, pid, named):
                     return
             finally:
@@ -193,10 +203,18 @@ class PIDFile(SimplePlugin):
     start.priority = Priority.START_PIDFILE  # type: ignore[attr-defined]
 
     def _check_folder(self) -> None:
-        """Warn if anyone may replace the file: a folder writable by all, without the sticky bit."""
+        """Warn if users other than the folder's owner may write to it."""
         mode = os.stat(self._folder).st_mode
-        if mode & stat.S_IWOTH and not mode & stat.S_ISVTX:
-            self._warn(f"The folder of PID file {self.path} is writable by others: they can replace the file")
+        if not mode & (stat.S_IWGRP | stat.S_IWOTH):
+            return
+        who = "everyone" if mode & stat.S_IWOTH else "its group"
+        harm = "create the file first" if mode & stat.S_ISVTX else "create, replace or remove the file"
+        warnings.warn(
+            f"the folder of PID file {self.path} is writable by {who}: another user can {harm} and block "
+            "the start; use a folder only the service's user (or root) may write to, such as /run/<service>/",
+            PIDFileFolderWarning,
+            stacklevel=3,
+        )
 
     def _open_existing(self) -> int | None:
         """Open the file at ``path`` for locking, checked to be safe; None if there is none."""
@@ -242,7 +260,7 @@ class PIDFile(SimplePlugin):
                 path=self.path,
             )
             if named is not None and named != os.getpid() and _is_alive(named):
-                raise PIDFileLockedError(self.path, named) from error
+                raise PIDFileLockedError(self.path, named, locked=False) from error
         if not _same_file(fd, self.path):
             return _Lock.CHANGED, None  # its holder removed or replaced it before we locked it
         return _Lock.TAKEN, _read_pid(fd)
@@ -297,7 +315,8 @@ class PIDFile(SimplePlugin):
         if stale is None:
             self._warn(f"Replaced PID file {self.path}, which named no pid")
         elif stale != pid:
-            self._warn(f"Replaced stale PID file {self.path}: pid {stale} is not running", stale_pid=stale)
+            state = "does not hold its lock" if _is_alive(stale) else "is not running"
+            self._warn(f"Replaced stale PID file {self.path}: pid {stale} {state}", stale_pid=stale)
         self._held(fd, pid)
         return True
 
