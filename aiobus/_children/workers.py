@@ -13,6 +13,8 @@ else. So the parent starts each child's worker itself (:func:`start_worker`):
 - descriptor 0 is ``/dev/null``, 1 and 2 are pipes the parent reads: a child's output, and
   its subprocesses', become log lines;
 - the worker leaves the parent's session (a terminal's Ctrl-C reaches the parent only);
+- it inherits the parent's environment but for systemd's ``NOTIFY_SOCKET``,
+  ``WATCHDOG_USEC`` and ``WATCHDOG_PID`` (:func:`aiobus.child_environment`);
 - it loads the parent's main module the way anyio's own workers do (anyio's ``init``
   request), so functions of a ``__main__`` script unpickle there.
 
@@ -46,6 +48,7 @@ import anyio.to_process
 from anyio.abc import ByteReceiveStream, ByteSendStream, Process, UNIXSocketStream
 from anyio.streams.buffered import BufferedByteReceiveStream
 
+from .._environ import child_environment
 from .messages import Sockets
 
 _MAX_REPLY_LINE = 50  # anyio's own bound on a reply's first line
@@ -148,6 +151,7 @@ async def start_worker() -> Worker:
             stderr=subprocess.PIPE,
             pass_fds=fds,
             start_new_session=True,
+            env=child_environment(),  # not systemd's NOTIFY_SOCKET nor WATCHDOG_*: they are the service's
         )
     except BaseException:
         protocol_parent.close()

@@ -64,3 +64,19 @@ class TestEndIdleWorkers:
         fresh = await anyio.to_process.run_sync(os.getpid)
         assert fresh not in pids
         assert await end_idle_workers() == 1
+
+
+class TestEnvironment:
+    async def test_systemd_variables_do_not_reach_a_child_broker(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """A child's worker inherits the parent's environment but for NOTIFY_SOCKET, WATCHDOG_USEC and WATCHDOG_PID."""
+        monkeypatch.setenv("NOTIFY_SOCKET", "/run/systemd/notify")
+        monkeypatch.setenv("WATCHDOG_USEC", "30000000")
+        monkeypatch.setenv("WATCHDOG_PID", str(os.getpid()))
+        monkeypatch.setenv("OTHER", "kept")
+        async with Bus() as bus:
+            child = ChildBroker(bus, "env", child_functions.report_environment)
+            child.subscribe()
+            await bus.start()
+            with anyio.fail_after(30):
+                seen = await child.receive()
+        assert seen == {"NOTIFY_SOCKET": None, "WATCHDOG_USEC": None, "WATCHDOG_PID": None, "OTHER": "kept"}
