@@ -5,8 +5,11 @@ from __future__ import annotations
 import importlib.util
 import os
 import pwd
+import shutil
 import signal
+import socket
 import sys
+import tempfile
 import textwrap
 
 import pytest
@@ -121,6 +124,7 @@ class TestEntryPoints:
         assert sub.wait(WAIT) == 0, sub.output
         for flag in ("--pidfile", "--user", "--group", "--reload", "--log-format", "--main-interval", "--stop-timeout"):
             assert flag in sub.output
+        assert "The current directory comes first on sys.path" in " ".join(sub.output.split())
 
 
 class TestRunning:
@@ -292,3 +296,50 @@ class TestPrivileges:
         stop_cleanly(child)
         [identity] = [event for event in child.events() if event["event"] == "svc identity"]
         assert identity["euid"] == 0
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+class TestCurrentDirectory:
+    @pytest.mark.parametrize("mode", [0o777, 0o1777])
+    def test_as_root_a_directory_everyone_may_write_to_is_refused(self, spawn: Spawner, mode: int) -> None:
+        """As root, a current directory writable by everyone (sticky or not) is one line and exit code 2."""
+        os.chmod(spawn.directory, mode)
+        child = run(spawn, "run", "svc:setup")
+        line = single_error_line(child)
+        assert f"the current directory {spawn.directory} is writable by everyone" in line
+        assert "comes first on sys.path" in line
+
+    def test_as_root_a_directory_only_root_may_write_to_is_used(self, spawn: Spawner) -> None:
+        """As root, a current directory of mode 0755 is imported from as before."""
+        os.chmod(spawn.directory, 0o755)
+        child = run(spawn, "run", "svc:setup", "--log-format", "json")
+        child.wait_for('"svc tick"', timeout=WAIT)
+        stop_cleanly(child)
+
+
+class TestSystemd:
+    def test_under_notify_socket_the_command_tells_ready_then_stopping(self, spawn: Spawner) -> None:
+        """With NOTIFY_SOCKET set, aiobus run sends READY=1 once started and STOPPING=1 at the stop."""
+        folder = tempfile.mkdtemp(prefix="aiobus-")  # short: an AF_UNIX path holds 107 bytes
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as systemd:
+                systemd.bind(os.path.join(folder, "notify"))
+                (spawn.directory / "svc.py").write_text(textwrap.dedent(SERVICE))
+                env = {"NOTIFY_SOCKET": systemd.getsockname()}
+                child = spawn.run([sys.executable, "-m", "aiobus", "run", "svc:setup", "--log-format", "json"], env=env)
+                child.wait_for('"svc tick"', timeout=WAIT)
+                assert "READY=1" in received(systemd)
+                stop_cleanly(child)
+                assert "STOPPING=1" in received(systemd)
+        finally:
+            shutil.rmtree(folder)
+
+
+def received(sock: socket.socket) -> list[str]:
+    """The lines of the datagrams queued on ``sock``."""
+    found = []
+    while True:
+        try:
+            found += sock.recv(4096, socket.MSG_DONTWAIT).decode().splitlines()
+        except BlockingIOError:
+            return found
