@@ -49,6 +49,15 @@ def test_hello_service_stops_by_itself_after_its_duration(spawn: Spawner) -> Non
     assert "Bus EXITING" in child.output
 
 
+@pytest.mark.parametrize("args", [["--duration", "-1"], ["--interval", "nan"]])
+def test_hello_service_refuses_a_bad_number_of_seconds(spawn: Spawner, args: list[str]) -> None:
+    """A negative, infinite or NaN number of seconds is an argparse error: exit code 2, no traceback."""
+    child = spawn.run([sys.executable, str(ROOT / "examples" / "hello_service.py"), *args])
+    assert child.wait() == 2, child.output
+    assert f"argument {args[0]}: must be a positive, finite number of seconds" in child.output
+    assert "Traceback" not in child.output
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="POSIX signals")
 def test_pid_service_stops_on_sigterm_with_code_0_and_its_pid_file_gone(spawn: Spawner, tmp_path: Path) -> None:
     """examples/pid_service.py writes its PID file, and SIGTERM ends it with code 0 and the file removed."""
