@@ -61,6 +61,40 @@ class WorkerError(RuntimeError):
     """The worker could not be prepared (it died, or its ``init`` failed: the error is the cause)."""
 
 
+class MainGuardMissing(RuntimeError):
+    """A child broker is being made while a worker imports the parent's main module: the script
+    starts its service when imported, for want of an ``if __name__ == "__main__":`` guard."""
+
+
+def importing_main_in_a_worker() -> str | None:
+    """The path of the parent's main module if this process is a worker importing it now, else None.
+
+    anyio's ``init`` removes ``__main__`` from ``sys.modules`` and runs the parent's main
+    module as ``__mp_main__``; only while that runs is the one there and not the other.
+    """
+    if "__main__" in sys.modules:
+        return None
+    module = sys.modules.get("__mp_main__")
+    if module is None:
+        return None
+    return getattr(module, "__file__", None) or "?"
+
+
+def _guard_missing(error: BaseException) -> MainGuardMissing | None:
+    """The :class:`MainGuardMissing` inside ``error`` (exception groups, causes), if any."""
+    seen: list[BaseException | None] = [error]
+    while seen:
+        found = seen.pop()
+        if found is None:
+            continue
+        if isinstance(found, MainGuardMissing):
+            return found
+        if isinstance(found, BaseExceptionGroup):
+            seen.extend(found.exceptions)
+        seen.append(found.__cause__)
+    return None
+
+
 @dataclass(frozen=True)
 class Ending:
     """How a worker process ended."""
@@ -190,6 +224,9 @@ async def _init(protocol: UNIXSocketStream) -> None:
         raise WorkerError("the worker process died before it was ready") from error
     if status == b"EXCEPTION":  # our own worker, on a socket only it holds: trusted
         failure = pickle.loads(payload)
+        missing = _guard_missing(failure)
+        if missing is not None:
+            raise WorkerError(str(missing)) from None
         raise WorkerError(f"the worker could not load the main module {main_path!r}: {failure!r}") from failure
 
 
