@@ -114,7 +114,14 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="?",
         help="the setup function, as package.module:function (the current directory comes first on sys.path)",
     )
-    run.add_argument("--pidfile", metavar="PATH", help="write the pid to PATH while running (PIDFile plugin)")
+    run.add_argument(
+        "--pidfile",
+        metavar="PATH",
+        help=(
+            "write the pid to PATH while running (PIDFile plugin; with --user or --group, a helper that keeps "
+            "the starting identity removes it at exit)"
+        ),
+    )
     run.add_argument("--user", metavar="USER", type=_id, help="switch to this user (name or uid) at start")
     run.add_argument("--group", metavar="GROUP", type=_id, help="switch to this group (default: the user's)")
     run.add_argument("--umask", metavar="OCTAL", type=_umask, help="set the umask at start, such as 022")
@@ -193,7 +200,8 @@ def make_plugins(bus: Bus, args: argparse.Namespace) -> list[SimplePlugin]:
     if os.environ.get("NOTIFY_SOCKET"):
         plugins.append(SystemdNotifier(bus))
     if args.pidfile is not None:
-        plugins.append(PIDFile(bus, args.pidfile))
+        dropping = args.user is not None or args.group is not None
+        plugins.append(PIDFile(bus, args.pidfile, privileged_removal=dropping))  # removed as root after a drop
     if args.user is not None or args.group is not None or args.umask is not None:
         plugins.append(DropPrivileges(bus, uid=args.user, gid=args.group, umask=args.umask))
     if args.reload:

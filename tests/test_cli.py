@@ -289,6 +289,18 @@ class TestPrivileges:
         [identity] = [event for event in child.events() if event["event"] == "svc identity"]
         assert identity["euid"] == nobody.pw_uid
 
+    def test_pidfile_with_user_nobody_is_removed_at_exit(self, spawn: Spawner) -> None:
+        """As root, --pidfile in a folder only root may write to, with --user nobody: the file is gone after exit."""
+        folder = spawn.directory / "run"
+        folder.mkdir(mode=0o755)
+        pidfile = folder / "svc.pid"
+        child = run(spawn, "run", "svc:whoami", "--log-format", "json", "--pidfile", str(pidfile), "--user", "nobody")
+        child.wait_for('"svc identity"', timeout=WAIT)
+        assert pidfile.read_text() == f"{child.pid}\n"
+        stop_cleanly(child)
+        assert not pidfile.exists()
+        assert not [event for event in child.events() if event["level"] == "warning"]
+
     def test_user_root_keeps_root(self, spawn: Spawner) -> None:
         """As root, --user root changes nothing and the service runs."""
         child = run(spawn, "run", "svc:whoami", "--log-format", "json", "--user", "root")

@@ -15,13 +15,17 @@ import fcntl
 import logging
 import os
 import stat
+import subprocess
+import sys
 import tempfile
 import warnings
 from typing import Any
 
 import anyio
 
-from aiobus import Bus, Priority, SimplePlugin
+from aiobus import Bus, Priority, SimplePlugin, child_environment
+
+from . import _pid_remover
 
 _MODE = 0o644
 # How long a start waits for a file that is locked but names no live pid: the
@@ -29,6 +33,8 @@ _MODE = 0o644
 _SETTLE_SECONDS = 2.0
 _SETTLE_STEP = 0.01
 _LOCK_UNSUPPORTED = (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL)
+_REMOVER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_pid_remover.py")  # beside this module
+_REMOVER_WAIT = 10.0  # seconds exit waits for the remover (it needs only to start and unlink)
 
 
 class _Lock(enum.Enum):
@@ -122,9 +128,19 @@ class PIDFile(SimplePlugin):
     write to, such as ``/run/<service>/``: in a folder others may write to, even a
     sticky one such as ``/tmp``, another user can create the file first and so block
     the start (or, without the sticky bit, replace it). Such a folder is warned about
-    at construction (:class:`PIDFileFolderWarning`). With :class:`DropPrivileges`, which runs
-    after it (77), that folder must let the new user create and remove files, or the
-    file cannot be removed at exit (a warning) nor written again after a restart.
+    at construction (:class:`PIDFileFolderWarning`).
+
+    With :class:`DropPrivileges`, which runs after it (77), the process may no longer
+    remove the file at exit (``/run`` is root's). Rather than opening the folder to the
+    new user (who could then replace the file, and so could any other service of that
+    user), pass ``privileged_removal=True``: a process started as root then starts, with
+    the file, a small helper (``_pid_remover.py``) that keeps root's identity, runs no
+    code of the service, and removes the file once the service lets go of its lock (at
+    exit, or at its death however it dies) if the file is still the one it wrote.
+    ``aiobus run`` does so with ``--user`` or ``--group``. Without it, a file that cannot
+    be removed is warned about at exit and left: it is stale (unlocked), and the next
+    start replaces it. Either way, after a restart (a re-exec as the new user) the file
+    can be written again only if the new user may write to the folder.
 
     If ``flock`` is not supported where the file is (some network file systems), a
     warning is logged and whether the pid in the file is alive decides instead.
@@ -133,6 +149,8 @@ class PIDFile(SimplePlugin):
         bus: the bus.
         path: the PID file. A relative path is made absolute now, against the current
             folder, so that a later ``chdir`` (daemonizing) does not move it.
+        privileged_removal: as root, leave the removal at exit to a helper that keeps
+            root's identity, for a service that drops its privileges after the start.
 
     Warns:
         PIDFileFolderWarning: at construction, users other than the folder's owner may
@@ -144,8 +162,9 @@ class PIDFile(SimplePlugin):
         IsADirectoryError: at construction, ``path`` is a folder.
     """
 
-    def __init__(self, bus: Bus, path: str | os.PathLike[str]) -> None:
+    def __init__(self, bus: Bus, path: str | os.PathLike[str], *, privileged_removal: bool = False) -> None:
         super().__init__(bus)
+        self.privileged_removal = privileged_removal
         self.path = os.path.abspath(os.fspath(path))
         folder = os.path.dirname(self.path)
         if not os.path.exists(folder):
@@ -158,6 +177,7 @@ class PIDFile(SimplePlugin):
         self._check_folder()
         self._fd: int | None = None
         self._pid: int | None = None
+        self._remover: subprocess.Popen[bytes] | None = None
 
     @property
     def pid(self) -> int | None:
@@ -323,19 +343,62 @@ class PIDFile(SimplePlugin):
     def _held(self, fd: int, pid: int) -> None:
         self._fd, self._pid = fd, pid
         self.bus.log(f"PID file {self.path} written", path=self.path, pid=pid)
+        if self.privileged_removal and os.geteuid() == 0:
+            self._start_remover(fd, pid)
+
+    def _start_remover(self, fd: int, pid: int) -> None:
+        """Start the helper that removes the file, as root, once this process lets go of its lock."""
+        info = os.fstat(fd)
+        try:
+            self._remover = subprocess.Popen(
+                [sys.executable, "-I", "-S", _REMOVER, self.path, str(pid), str(info.st_dev), str(info.st_ino)],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                env=child_environment(),
+            )
+        except BaseException:
+            self._fd = self._pid = None
+            try:
+                os.unlink(self.path)
+            finally:
+                os.close(fd)
+            raise
 
     # -- exit ----------------------------------------------------------------------
 
-    def exit(self) -> None:
-        """Remove the file if it still holds our pid, and release the lock. Never raises."""
-        fd, pid = self._fd, self._pid
+    async def exit(self) -> None:
+        """Remove the file if it still holds our pid, and release the lock. Never raises.
+
+        With a remover (``privileged_removal``), release the lock and wait for the remover
+        to end, at most 10 seconds (a warning then). Cancelled meanwhile, the remover
+        finishes on its own.
+        """
+        fd, pid, remover = self._fd, self._pid, self._remover
         if fd is None:
             return
-        self._fd = self._pid = None
+        self._fd = self._pid = self._remover = None
+        if remover is not None:
+            os.close(fd)  # the remover's turn
+            await self._wait_remover(remover, pid)
+            return
         try:
             self._remove_if_ours(pid)
         finally:
             os.close(fd)
+
+    async def _wait_remover(self, remover: subprocess.Popen[bytes], pid: int | None) -> None:
+        try:
+            code = await anyio.to_thread.run_sync(remover.wait, _REMOVER_WAIT)
+        except subprocess.TimeoutExpired:
+            self._warn(f"PID file {self.path}: its remover (pid {remover.pid}) did not end within {_REMOVER_WAIT:g} s")
+            return
+        if code == _pid_remover.REMOVED:
+            self.bus.log(f"PID file {self.path} removed", path=self.path, pid=pid)
+        elif code == _pid_remover.LEFT:
+            self._warn(f"PID file {self.path} is no longer ours (pid {pid}): left in place")
+        else:
+            self._warn(f"PID file {self.path}: its remover failed (exit status {code}); the file may be left")
 
     def _remove_if_ours(self, pid: int | None) -> None:
         try:

@@ -368,6 +368,30 @@ configure_logging(format="json")
 raise SystemExit(anyio.run(main))
 """
 
+# argv: the PID file. Written as root with privileged_removal (70), then the process becomes nobody
+# (77) and waits for SIGTERM.
+DROP_AND_WAIT = """
+import signal, sys
+import anyio
+from aiobus import Bus, configure_logging
+from aiobus.plugins.pidfile import PIDFile
+from aiobus.plugins.privileges import DropPrivileges
+
+async def main() -> int:
+    with anyio.open_signal_receiver(signal.SIGTERM) as signals:
+        async with Bus() as bus:
+            PIDFile(bus, sys.argv[1], privileged_removal=True).subscribe()
+            DropPrivileges(bus, uid="nobody").subscribe()
+            await bus.start()
+            print("outcome: started")
+            async for _ in signals:
+                break
+    return bus.exit_code
+
+configure_logging(format="json")
+raise SystemExit(anyio.run(main))
+"""
+
 needs_root_and_nobody = pytest.mark.skipif(
     os.geteuid() != 0 or not os.path.exists("/proc/1"), reason="needs root (to become nobody) and a pid 1"
 )
@@ -437,3 +461,40 @@ class TestAsAnotherUser:
         assert not any("removed" in event["event"] and event["level"] == "info" for event in child.events())
         with open(pid_path) as file:  # the lock went with the process
             fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+    def test_privileged_removal_removes_the_file_after_the_drop(self, spawn: Spawner, shared_folder: Path) -> None:
+        """With privileged_removal, a helper that stayed root removes the file once the service, now nobody, exits."""
+        pid_path = shared_folder / "service.pid"
+        child = spawn.script(DROP_AND_WAIT, str(pid_path))
+        child.wait_for("outcome: started", timeout=60)
+        assert pid_path.read_text() == f"{child.pid}\n"
+        child.send(signal.SIGTERM)
+        assert child.wait(timeout=60) == 0, child.output
+        assert not warnings_of(child)
+        assert f"PID file {pid_path} removed" in child.output
+        assert os.listdir(shared_folder) == []
+        child.assert_nothing_left()  # the helper too
+
+    def test_privileged_removal_removes_the_file_of_a_killed_service(self, spawn: Spawner, shared_folder: Path) -> None:
+        """The helper removes the file when the service dies by SIGKILL, without an exit of its own."""
+        pid_path = shared_folder / "service.pid"
+        child = spawn.script(DROP_AND_WAIT, str(pid_path))
+        child.wait_for("outcome: started", timeout=60)
+        child.send(signal.SIGKILL)
+        assert child.wait(timeout=60) == -signal.SIGKILL
+        child.assert_nothing_left()  # the helper ends once it has removed the file
+        assert os.listdir(shared_folder) == []
+
+    def test_privileged_removal_leaves_a_file_that_another_process_took_over(
+        self, spawn: Spawner, shared_folder: Path
+    ) -> None:
+        """A file replaced since (it names another pid now) is not the helper's to remove."""
+        pid_path = shared_folder / "service.pid"
+        child = spawn.script(DROP_AND_WAIT, str(pid_path))
+        child.wait_for("outcome: started", timeout=60)
+        os.unlink(pid_path)
+        pid_path.write_text("1\n")
+        child.send(signal.SIGTERM)
+        assert child.wait(timeout=60) == 0, child.output
+        child.assert_nothing_left()
+        assert pid_path.read_text() == "1\n"
