@@ -76,6 +76,12 @@ def report_umask(bus):
     bus.subscribe("start", report, priority=80)
 
 
+def missing_program(bus):
+    from aiobus.plugins import Subprocess
+
+    Subprocess(bus, "nope", ["/no/such/program"]).subscribe()
+
+
 NOT_CALLABLE = 42
 """
 
@@ -355,3 +361,30 @@ def received(sock: socket.socket) -> list[str]:
             found += sock.recv(4096, socket.MSG_DONTWAIT).decode().splitlines()
         except BlockingIOError:
             return found
+
+
+class TestStartFailures:
+    def assert_one_clear_line(self, child: Child, text: str) -> None:
+        """The start failed with code 70: the error is one log line, with no traceback."""
+        assert child.wait(WAIT) == 70, child.output
+        assert "Traceback" not in child.output and "ExceptionGroup" not in child.output
+        errors = [line for line in child.lines if " ERROR " in line and "Start failed" not in line]
+        assert any(text in line for line in errors), child.output
+        assert all(line.startswith("[") for line in child.lines), child.output  # log lines only
+        child.assert_nothing_left()
+
+    def test_a_missing_program_is_one_line(self, spawn: Spawner) -> None:
+        """A program whose command does not exist fails the start with one clear line, not a traceback."""
+        child = run(spawn, "run", "svc:missing_program", "--log-format", "console")
+        self.assert_one_clear_line(child, "could not run '/no/such/program': No such file or directory")
+
+    def test_a_second_copy_on_the_same_pidfile_is_one_line(self, spawn: Spawner) -> None:
+        """A second copy of a running service, on the same --pidfile, fails the start with one clear line."""
+        pidfile = spawn.directory / "svc.pid"
+        first = run(spawn, "run", "svc:setup", "--log-format", "json", "--pidfile", str(pidfile))
+        first.wait_for('"Bus STARTED"', timeout=WAIT)
+        second = spawn.run(
+            [sys.executable, "-m", "aiobus", "run", "svc:setup", "--log-format", "console", "--pidfile", str(pidfile)]
+        )
+        self.assert_one_clear_line(second, f"is locked by process {first.pid}, which is running")
+        stop_cleanly(first)
