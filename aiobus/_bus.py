@@ -264,7 +264,8 @@ class Bus:
         """
         fields: dict[str, Any] = {"channel": channel, "listener": name}
         if isinstance(exc, OSError):
-            self.log(f"Listener {name} of channel {channel!r} failed: {exc}", logging.ERROR, **fields)
+            error = f"{type(exc).__name__}: {exc}"
+            self.log(f"Listener {name} of channel {channel!r} failed: {error}", logging.ERROR, **fields)
             self.log(f"{name} raised {type(exc).__name__}", logging.DEBUG, traceback=True, **fields)
         else:
             self.log(f"Listener {name} of channel {channel!r} failed", logging.ERROR, traceback=True, **fields)
