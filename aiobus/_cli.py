@@ -266,7 +266,7 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     elif args.target is None:
         parser.error("run needs TARGET, --config FILE or --procfile FILE")
     try:
-        make_plugins(Bus(), args)  # check the flags' values before anything runs
+        make_plugins(Bus(main_interval=args.main_interval), args)  # check the flags' values before anything runs
     except ImportError as error:
         _fail(f"--reload: {error}")
     except (ValueError, TypeError, OSError) as error:

@@ -352,6 +352,22 @@ class TestSystemd:
         finally:
             shutil.rmtree(folder)
 
+    def test_a_watchdog_the_main_interval_cannot_feed_is_one_line(self, spawn: Spawner) -> None:
+        """Under a watchdog of 0.1 s, the default main interval (0.1 s) cannot ping twice per period: code 2."""
+        env = {"NOTIFY_SOCKET": "/run/no-such-notify-socket", "WATCHDOG_USEC": "100000"}
+        (spawn.directory / "svc.py").write_text(textwrap.dedent(SERVICE))
+        child = spawn.run([sys.executable, "-m", "aiobus", "run", "svc:setup"], env=env)
+        assert "main_interval" in single_error_line(child)
+
+    def test_a_main_interval_short_enough_for_the_watchdog_runs(self, spawn: Spawner) -> None:
+        """Under a watchdog of 0.1 s, --main-interval 0.01 is accepted (checked against that interval, not 0.1)."""
+        env = {"NOTIFY_SOCKET": "/run/no-such-notify-socket", "WATCHDOG_USEC": "100000"}
+        (spawn.directory / "svc.py").write_text(textwrap.dedent(SERVICE))
+        argv = [sys.executable, "-m", "aiobus", "run", "svc:setup", "--log-format", "json", "--main-interval", "0.01"]
+        child = spawn.run(argv, env=env)
+        child.wait_for('"svc tick"', timeout=WAIT)
+        stop_cleanly(child)
+
 
 def received(sock: socket.socket) -> list[str]:
     """The lines of the datagrams queued on ``sock``."""
