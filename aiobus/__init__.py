@@ -10,8 +10,8 @@ Layers, from the bottom up; each uses only the public API of the ones below it:
    order), ``_ticker`` (the main tick and its schedule), ``_logging`` (the default log
    listener), ``_reexec`` (restart in place), ``_tasks`` (the tasks a bus owns),
    ``_bus`` (the Bus), ``_plugin`` (the Plugin protocol, SimplePlugin), ``_order`` (the
-   plugins' priorities, one contract) and ``_daemon`` (daemonizing, before any loop
-   runs). The core imports no plugin.
+   plugins' priorities, one contract), ``_daemon`` (daemonizing, before any loop
+   runs) and ``_environ`` (what children inherit). The core imports no plugin.
 2. the link: ``_link`` (framing and codec over a byte stream) and ``_private`` (a
    rendezvous no other local user can reach).
 3. supervision, written once for child brokers and external programs: ``_supervision``
@@ -33,6 +33,7 @@ from ._children import end_idle_workers as end_idle_workers
 from ._daemon import Daemon as Daemon
 from ._daemon import DaemonReporter as DaemonReporter
 from ._daemon import daemonize as daemonize
+from ._environ import child_environment as child_environment
 from ._exitcodes import ExitCode as ExitCode
 from ._link import CorruptFrame as CorruptFrame
 from ._link import EndOfLink as EndOfLink
@@ -99,6 +100,7 @@ __all__ = [
     "UndecodableFrame",
     "UndeliveredMessages",
     "check_seconds",
+    "child_environment",
     "configure_logging",
     "connect_private",
     "daemonize",

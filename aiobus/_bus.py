@@ -211,7 +211,8 @@ class Bus:
 
         Async listeners (and sync ones that return an awaitable) are awaited one after
         another, in the caller's task. A listener raising an Exception is logged with
-        its traceback and does not stop the others.
+        its traceback (an OSError: one line with its message, the traceback at DEBUG
+        level) and does not stop the others.
 
         Raises:
             ChannelFailures: after all listeners ran, if any raised.
@@ -236,13 +237,7 @@ class Bus:
                 if failures is None:
                     failures = []
                 failures.append(exc)
-                self.log(
-                    f"Listener {listener.name} of channel {channel!r} failed",
-                    logging.ERROR,
-                    traceback=True,
-                    channel=channel,
-                    listener=listener.name,
-                )
+                self._listener_failed(listener.name, channel, exc)
             except anyio.get_cancelled_exc_class():
                 self.log(
                     f"Listener {listener.name} of channel {channel!r} was cancelled",
@@ -257,6 +252,21 @@ class Bus:
             self._failures[channel] = self._failures.get(channel, 0) + len(failures)
             raise ChannelFailures(channel, failures)
         return results
+
+    def _listener_failed(self, name: str, channel: str, exc: Exception) -> None:
+        """Log a listener's failure (from its ``except`` block).
+
+        An OSError (a missing file or program, a refused permission, a PID file or a port
+        in use) says what is wrong in its message: one line, its traceback at DEBUG level.
+        Any other error, a bug perhaps, is logged with its traceback.
+        """
+        fields: dict[str, Any] = {"channel": channel, "listener": name}
+        if isinstance(exc, OSError):
+            error = f"{type(exc).__name__}: {exc}"
+            self.log(f"Listener {name} of channel {channel!r} failed: {error}", logging.ERROR, **fields)
+            self.log(f"{name} raised {type(exc).__name__}", logging.DEBUG, traceback=True, **fields)
+        else:
+            self.log(f"Listener {name} of channel {channel!r} failed", logging.ERROR, traceback=True, **fields)
 
     def log(self, msg: str, level: int = logging.INFO, traceback: bool = False, **fields: Any) -> None:
         """Send ``msg`` to every ``log`` listener now, as ``listener(msg, level, **fields)``.

@@ -1,8 +1,10 @@
 """The ``aiobus`` command: run a service's ``setup(bus)`` on a bus, with what every service wants from flags.
 
-``aiobus run package.module:setup`` imports ``setup`` (the current directory is
-importable, as with ``python -m``), enters a :class:`~aiobus.Bus`, subscribes a
-:class:`~aiobus.plugins.SignalHandler` and the plugins the flags ask for, calls
+``aiobus run package.module:setup`` imports ``setup`` (the current directory comes
+first on ``sys.path``, as with ``python -m``; as root, one that everyone may write to
+is refused), enters a :class:`~aiobus.Bus`, subscribes a
+:class:`~aiobus.plugins.SignalHandler`, a :class:`~aiobus.plugins.SystemdNotifier`
+when ``NOTIFY_SOCKET`` is set, and the plugins the flags ask for, calls
 ``setup(bus)`` (awaited if it returns an awaitable) so that it subscribes the
 service's plugins and children, starts the bus, blocks until it exits, and ends the
 process with the bus's exit code.
@@ -18,6 +20,7 @@ import importlib
 import inspect
 import logging
 import os
+import stat
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
@@ -92,15 +95,30 @@ def build_parser() -> argparse.ArgumentParser:
         "run",
         help="run package.module:setup, where setup(bus) (sync or async) subscribes the service",
         description=(
-            "Import TARGET (package.module:setup; the current directory is importable), enter a Bus, subscribe "
-            "a SignalHandler (SIGTERM and SIGINT exit, SIGHUP restarts without a terminal, SIGUSR1 is graceful) "
-            "and the plugins the flags ask for, call setup(bus) (awaited if async) so that it subscribes the "
-            "service's plugins and children, start the bus, and exit with the bus's exit code."
+            "Import TARGET (package.module:setup), enter a Bus, subscribe a SignalHandler (SIGTERM and SIGINT "
+            "exit, SIGHUP restarts without a terminal, SIGUSR1 is graceful), a SystemdNotifier when NOTIFY_SOCKET "
+            "is set (READY=1 once started, STOPPING=1 at the stop), and the plugins the flags ask for, call "
+            "setup(bus) (awaited if async) so that it subscribes the service's plugins and children, start the "
+            "bus, and exit with the bus's exit code. The current directory comes first on sys.path, so any "
+            "module there shadows those of the same name: run from a directory only trusted users may write "
+            "to (as root, one that everyone may write to is refused)."
         ),
         epilog="Exit codes: the bus's (0 clean, 70 failure, 130 forced); 2 for a bad command line or target.",
     )
-    run.add_argument("target", metavar="TARGET", nargs="?", help="the setup function, as package.module:function")
-    run.add_argument("--pidfile", metavar="PATH", help="write the pid to PATH while running (PIDFile plugin)")
+    run.add_argument(
+        "target",
+        metavar="TARGET",
+        nargs="?",
+        help="the setup function, as package.module:function (the current directory comes first on sys.path)",
+    )
+    run.add_argument(
+        "--pidfile",
+        metavar="PATH",
+        help=(
+            "write the pid to PATH while running (PIDFile plugin; with --user or --group, a helper that keeps "
+            "the starting identity removes it at exit)"
+        ),
+    )
     run.add_argument("--user", metavar="USER", type=_id, help="switch to this user (name or uid) at start")
     run.add_argument("--group", metavar="GROUP", type=_id, help="switch to this group (default: the user's)")
     run.add_argument("--umask", metavar="OCTAL", type=_umask, help="set the umask at start, such as 022")
@@ -166,16 +184,21 @@ def load_target(target: str) -> Callable[..., Any]:
 
 
 def make_plugins(bus: Bus, args: argparse.Namespace) -> list[Plugin]:
-    """The plugins the flags ask for (not subscribed): PIDFile, DropPrivileges, Autoreloader.
+    """The plugins the flags and the environment ask for (not subscribed): SystemdNotifier (when
+    ``NOTIFY_SOCKET`` is set), PIDFile, DropPrivileges, Autoreloader.
 
     Raises:
-        ValueError, TypeError, OSError, ImportError: a flag's value is refused by its plugin.
+        ValueError, TypeError, OSError, ImportError: a flag's value (or ``NOTIFY_SOCKET``) is
+            refused by its plugin.
     """
-    from .plugins import Autoreloader, DropPrivileges, PIDFile
+    from .plugins import Autoreloader, DropPrivileges, PIDFile, SystemdNotifier
 
     plugins: list[Plugin] = []
+    if os.environ.get("NOTIFY_SOCKET"):
+        plugins.append(SystemdNotifier(bus))
     if args.pidfile is not None:
-        plugins.append(PIDFile(bus, args.pidfile))
+        dropping = args.user is not None or args.group is not None
+        plugins.append(PIDFile(bus, args.pidfile, privileged_removal=dropping))  # removed as root after a drop
     if args.user is not None or args.group is not None or args.umask is not None:
         plugins.append(DropPrivileges(bus, uid=args.user, gid=args.group, umask=args.umask))
     if args.reload:
@@ -217,10 +240,21 @@ def _fail(message: str) -> NoReturn:
     raise SystemExit(ExitCode.USAGE)
 
 
+def _check_current_directory() -> None:
+    """As root, refuse a current directory that everyone may write to: it comes first on sys.path."""
+    cwd = os.getcwd()
+    if os.geteuid() == 0 and os.stat(cwd).st_mode & stat.S_IWOTH:
+        _fail(
+            f"the current directory {cwd} is writable by everyone and comes first on sys.path: as root, "
+            "run from a directory only trusted users may write to"
+        )
+
+
 def main(argv: Sequence[str] | None = None) -> NoReturn:
     """The ``aiobus`` console script (and ``python -m aiobus``): always ends with SystemExit."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    _check_current_directory()
     spec = None
     if args.command == "check" or args.config is not None or args.procfile is not None:
         from ._config.commands import file_arguments
@@ -229,7 +263,7 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     elif args.target is None:
         parser.error("run needs TARGET, --config FILE or --procfile FILE")
     try:
-        make_plugins(Bus(), args)  # check the flags' values before anything runs
+        make_plugins(Bus(main_interval=args.main_interval), args)  # check the flags' values before anything runs
     except ImportError as error:
         _fail(f"--reload: {error}")
     except (ValueError, TypeError, OSError) as error:

@@ -179,7 +179,10 @@ def daemonize(
     the calling process (relative paths are relative to its working directory, and an
     error is raised here). Then: a pipe, a fork, ``setsid`` in the child, a second fork
     (the daemon is no session leader, so it never gets a controlling terminal),
-    ``chdir``, ``umask``, and the files put on descriptors 0, 1 and 2.
+    ``chdir``, ``umask``, the files put on descriptors 0, 1 and 2, and every other
+    descriptor inherited from the caller closed (but the daemon's report pipe): a
+    process that waits for the end of a pipe shared with the caller is not kept
+    waiting by the daemon. Files the daemon needs are opened after this call.
 
     The original process never returns: it waits for the daemon's report, then exits
     0 once the daemon reported that it started, or prints the daemon's error (or why
@@ -242,7 +245,7 @@ def daemonize(
         os.umask(umask)
         for target, fd in enumerate(fds):
             os.dup2(fd, target)
-        _close_all(fds)
+        _close_inherited(keep=write_fd)
     except BaseException as exc:
         try:
             os.write(write_fd, json.dumps({"failed": f"daemonizing failed: {exc!r}"}).encode() + b"\n")
@@ -276,6 +279,14 @@ def _open_streams(stdin: StrPath, stdout: StrPath, stderr: StrPath) -> list[int]
         _close_all(fds)
         raise
     return fds
+
+
+def _close_inherited(keep: int) -> None:
+    """Close every descriptor above 2 but ``keep``: a caller waiting for the end of a pipe it
+    shares with this process must not wait for the daemon too."""
+    top = os.sysconf("SC_OPEN_MAX")
+    os.closerange(3, keep)
+    os.closerange(keep + 1, max(top, keep + 1))
 
 
 def _close_all(fds: list[int]) -> None:

@@ -7,6 +7,7 @@ cleanly on Ctrl-C or SIGTERM (or by itself after --duration seconds).
 from __future__ import annotations
 
 import argparse
+import math
 
 import anyio
 import structlog
@@ -15,6 +16,17 @@ from aiobus import Bus, configure_logging
 from aiobus.plugins import SignalHandler
 
 log = structlog.get_logger("hello")
+
+
+def seconds(text: str) -> float:
+    """An argparse type: a positive, finite number of seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a positive, finite number of seconds, not {text!r}")
+    return value
 
 
 async def main(duration: float | None, interval: float) -> int:
@@ -39,8 +51,8 @@ async def main(duration: float | None, interval: float) -> int:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--duration", type=float, default=None, help="exit after this many seconds")
-    parser.add_argument("--interval", type=float, default=0.1, help="seconds between main ticks")
+    parser.add_argument("--duration", type=seconds, default=None, help="exit after this many seconds")
+    parser.add_argument("--interval", type=seconds, default=0.1, help="seconds between main ticks")
     args = parser.parse_args()
     configure_logging()
     raise SystemExit(anyio.run(main, args.duration, args.interval))

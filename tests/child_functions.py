@@ -200,3 +200,11 @@ async def receives_after_the_end(bus: Bus, link: ParentLink) -> None:
         await link.send(("again", type(error).__name__))
     else:
         await link.send(("again", message))
+
+
+async def report_environment(bus: Bus, link: ParentLink) -> None:
+    """Send the values of systemd's variables and of OTHER in this process's environment, then serve until stopped."""
+    names = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "OTHER")
+    await link.send({name: os.environ.get(name) for name in names})
+    async for _ in link:
+        pass

@@ -5,8 +5,11 @@ from __future__ import annotations
 import importlib.util
 import os
 import pwd
+import shutil
 import signal
+import socket
 import sys
+import tempfile
 import textwrap
 
 import pytest
@@ -73,6 +76,12 @@ def report_umask(bus):
     bus.subscribe("start", report, priority=80)
 
 
+def missing_program(bus):
+    from aiobus.plugins import Subprocess
+
+    Subprocess(bus, "nope", ["/no/such/program"]).subscribe()
+
+
 NOT_CALLABLE = 42
 """
 
@@ -121,6 +130,7 @@ class TestEntryPoints:
         assert sub.wait(WAIT) == 0, sub.output
         for flag in ("--pidfile", "--user", "--group", "--reload", "--log-format", "--main-interval", "--stop-timeout"):
             assert flag in sub.output
+        assert "The current directory comes first on sys.path" in " ".join(sub.output.split())
 
 
 class TestRunning:
@@ -285,6 +295,18 @@ class TestPrivileges:
         [identity] = [event for event in child.events() if event["event"] == "svc identity"]
         assert identity["euid"] == nobody.pw_uid
 
+    def test_pidfile_with_user_nobody_is_removed_at_exit(self, spawn: Spawner) -> None:
+        """As root, --pidfile in a folder only root may write to, with --user nobody: the file is gone after exit."""
+        folder = spawn.directory / "run"
+        folder.mkdir(mode=0o755)
+        pidfile = folder / "svc.pid"
+        child = run(spawn, "run", "svc:whoami", "--log-format", "json", "--pidfile", str(pidfile), "--user", "nobody")
+        child.wait_for('"svc identity"', timeout=WAIT)
+        assert pidfile.read_text() == f"{child.pid}\n"
+        stop_cleanly(child)
+        assert not pidfile.exists()
+        assert not [event for event in child.events() if event["level"] == "warning"]
+
     def test_user_root_keeps_root(self, spawn: Spawner) -> None:
         """As root, --user root changes nothing and the service runs."""
         child = run(spawn, "run", "svc:whoami", "--log-format", "json", "--user", "root")
@@ -292,3 +314,93 @@ class TestPrivileges:
         stop_cleanly(child)
         [identity] = [event for event in child.events() if event["event"] == "svc identity"]
         assert identity["euid"] == 0
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+class TestCurrentDirectory:
+    @pytest.mark.parametrize("mode", [0o777, 0o1777])
+    def test_as_root_a_directory_everyone_may_write_to_is_refused(self, spawn: Spawner, mode: int) -> None:
+        """As root, a current directory writable by everyone (sticky or not) is one line and exit code 2."""
+        os.chmod(spawn.directory, mode)
+        child = run(spawn, "run", "svc:setup")
+        line = single_error_line(child)
+        assert f"the current directory {spawn.directory} is writable by everyone" in line
+        assert "comes first on sys.path" in line
+
+    def test_as_root_a_directory_only_root_may_write_to_is_used(self, spawn: Spawner) -> None:
+        """As root, a current directory of mode 0755 is imported from as before."""
+        os.chmod(spawn.directory, 0o755)
+        child = run(spawn, "run", "svc:setup", "--log-format", "json")
+        child.wait_for('"svc tick"', timeout=WAIT)
+        stop_cleanly(child)
+
+
+class TestSystemd:
+    def test_under_notify_socket_the_command_tells_ready_then_stopping(self, spawn: Spawner) -> None:
+        """With NOTIFY_SOCKET set, aiobus run sends READY=1 once started and STOPPING=1 at the stop."""
+        folder = tempfile.mkdtemp(prefix="aiobus-")  # short: an AF_UNIX path holds 107 bytes
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as systemd:
+                systemd.bind(os.path.join(folder, "notify"))
+                (spawn.directory / "svc.py").write_text(textwrap.dedent(SERVICE))
+                env = {"NOTIFY_SOCKET": systemd.getsockname()}
+                child = spawn.run([sys.executable, "-m", "aiobus", "run", "svc:setup", "--log-format", "json"], env=env)
+                child.wait_for('"svc tick"', timeout=WAIT)
+                assert "READY=1" in received(systemd)
+                stop_cleanly(child)
+                assert "STOPPING=1" in received(systemd)
+        finally:
+            shutil.rmtree(folder)
+
+    def test_a_watchdog_the_main_interval_cannot_feed_is_one_line(self, spawn: Spawner) -> None:
+        """Under a watchdog of 0.1 s, the default main interval (0.1 s) cannot ping twice per period: code 2."""
+        env = {"NOTIFY_SOCKET": "/run/no-such-notify-socket", "WATCHDOG_USEC": "100000"}
+        (spawn.directory / "svc.py").write_text(textwrap.dedent(SERVICE))
+        child = spawn.run([sys.executable, "-m", "aiobus", "run", "svc:setup"], env=env)
+        assert "main_interval" in single_error_line(child)
+
+    def test_a_main_interval_short_enough_for_the_watchdog_runs(self, spawn: Spawner) -> None:
+        """Under a watchdog of 0.1 s, --main-interval 0.01 is accepted (checked against that interval, not 0.1)."""
+        env = {"NOTIFY_SOCKET": "/run/no-such-notify-socket", "WATCHDOG_USEC": "100000"}
+        (spawn.directory / "svc.py").write_text(textwrap.dedent(SERVICE))
+        argv = [sys.executable, "-m", "aiobus", "run", "svc:setup", "--log-format", "json", "--main-interval", "0.01"]
+        child = spawn.run(argv, env=env)
+        child.wait_for('"svc tick"', timeout=WAIT)
+        stop_cleanly(child)
+
+
+def received(sock: socket.socket) -> list[str]:
+    """The lines of the datagrams queued on ``sock``."""
+    found = []
+    while True:
+        try:
+            found += sock.recv(4096, socket.MSG_DONTWAIT).decode().splitlines()
+        except BlockingIOError:
+            return found
+
+
+class TestStartFailures:
+    def assert_one_clear_line(self, child: Child, text: str) -> None:
+        """The start failed with code 70: the error is one log line, with no traceback."""
+        assert child.wait(WAIT) == 70, child.output
+        assert "Traceback" not in child.output and "ExceptionGroup" not in child.output
+        errors = [line for line in child.lines if " ERROR " in line and "Start failed" not in line]
+        assert any(text in line for line in errors), child.output
+        assert all(line.startswith("[") for line in child.lines), child.output  # log lines only
+        child.assert_nothing_left()
+
+    def test_a_missing_program_is_one_line(self, spawn: Spawner) -> None:
+        """A program whose command does not exist fails the start with one clear line, not a traceback."""
+        child = run(spawn, "run", "svc:missing_program", "--log-format", "console")
+        self.assert_one_clear_line(child, "could not run '/no/such/program': No such file or directory")
+
+    def test_a_second_copy_on_the_same_pidfile_is_one_line(self, spawn: Spawner) -> None:
+        """A second copy of a running service, on the same --pidfile, fails the start with one clear line."""
+        pidfile = spawn.directory / "svc.pid"
+        first = run(spawn, "run", "svc:setup", "--log-format", "json", "--pidfile", str(pidfile))
+        first.wait_for('"Bus STARTED"', timeout=WAIT)
+        second = spawn.run(
+            [sys.executable, "-m", "aiobus", "run", "svc:setup", "--log-format", "console", "--pidfile", str(pidfile)]
+        )
+        self.assert_one_clear_line(second, f"is locked by process {first.pid}, which is running")
+        stop_cleanly(first)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from pathlib import Path
@@ -49,6 +50,15 @@ def test_hello_service_stops_by_itself_after_its_duration(spawn: Spawner) -> Non
     assert "Bus EXITING" in child.output
 
 
+@pytest.mark.parametrize("args", [["--duration", "-1"], ["--interval", "nan"]])
+def test_hello_service_refuses_a_bad_number_of_seconds(spawn: Spawner, args: list[str]) -> None:
+    """A negative, infinite or NaN number of seconds is an argparse error: exit code 2, no traceback."""
+    child = spawn.run([sys.executable, str(ROOT / "examples" / "hello_service.py"), *args])
+    assert child.wait() == 2, child.output
+    assert f"argument {args[0]}: must be a positive, finite number of seconds" in child.output
+    assert "Traceback" not in child.output
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="POSIX signals")
 def test_pid_service_stops_on_sigterm_with_code_0_and_its_pid_file_gone(spawn: Spawner, tmp_path: Path) -> None:
     """examples/pid_service.py writes its PID file, and SIGTERM ends it with code 0 and the file removed."""
@@ -57,8 +67,9 @@ def test_pid_service_stops_on_sigterm_with_code_0_and_its_pid_file_gone(spawn: S
     child.wait_for("Service running")
     assert pidfile.read_text() == f"{child.pid}\n"
     second = spawn.run([sys.executable, str(ROOT / "examples" / "pid_service.py"), "--pidfile", str(pidfile)])
-    assert second.wait() != 0
+    assert second.wait() == 70, second.output
     assert f"locked by process {child.pid}" in second.output
+    assert "Traceback" not in second.output and "ExceptionGroup" not in second.output
     child.send(signal.SIGTERM)
     assert child.wait() == 0, child.output
     assert not pidfile.exists()
@@ -91,3 +102,49 @@ def test_readme_plugin_example_runs(spawn: Spawner) -> None:
     assert child.wait() == 0, child.output
     assert "still alive" in child.output
     child.assert_nothing_left()
+
+
+def test_pid_service_with_a_missing_folder_is_one_line(spawn: Spawner, tmp_path: Path) -> None:
+    """examples/pid_service.py given a PID file in a folder that does not exist: one line, exit code 1."""
+    missing = tmp_path / "missing" / "service.pid"
+    child = spawn.run([sys.executable, str(ROOT / "examples" / "pid_service.py"), "--pidfile", str(missing)])
+    assert child.wait() == 1, child.output
+    assert "Traceback" not in child.output
+    assert child.lines[-1] == (
+        f"pid_service: [Errno 2] the folder of PID file {missing} does not exist: '{missing.parent}'"
+    )
+
+
+README_PID_PATH = "/run/myservice/myservice.pid"
+
+
+@pytest.mark.skipif(os.path.exists("/run/myservice"), reason="/run/myservice exists here")
+def test_readme_pid_file_example_as_written_without_its_folder_is_one_line(spawn: Spawner) -> None:
+    """The README's PID-file example, run as written where /run/myservice does not exist: one line, code 1."""
+    child = spawn.script(readme_block("A service with a PID file"), name="myservice.py")
+    assert child.wait(timeout=60) == 1, child.output
+    assert "Traceback" not in child.output
+    assert child.lines[-1] == (
+        f"myservice: [Errno 2] the folder of PID file {README_PID_PATH} does not exist: '/run/myservice'"
+    )
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="POSIX signals")
+def test_readme_pid_file_example_refuses_a_second_copy_in_one_line(spawn: Spawner, tmp_path: Path) -> None:
+    """The README's PID-file example (its path moved to tmp_path): a second copy fails in one line, code 70."""
+    code = readme_block("A service with a PID file")
+    assert README_PID_PATH in code
+    pidfile = tmp_path / "run" / "myservice.pid"
+    pidfile.parent.mkdir()
+    code = code.replace(README_PID_PATH, str(pidfile))
+    first = spawn.script(code, name="first.py")
+    first.wait_for("Bus STARTED")
+    second = spawn.script(code, name="second.py")
+    assert second.wait(timeout=60) == 70, second.output
+    assert "Traceback" not in second.output and "ExceptionGroup" not in second.output
+    [error] = [line for line in second.lines if "is locked by process" in line]
+    assert f"PID file {pidfile} is locked by process {first.pid}, which is running" in error
+    first.send(signal.SIGTERM)
+    assert first.wait() == 0, first.output
+    assert not pidfile.exists()
+    first.assert_nothing_left()

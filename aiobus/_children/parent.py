@@ -50,7 +50,7 @@ from .messages import (
     receive_control,
 )
 from .output import forward_lines
-from .workers import Worker, WorkerError, run_in_worker, start_worker
+from .workers import MainGuardMissing, Worker, WorkerError, importing_main_in_a_worker, run_in_worker, start_worker
 
 #: Seconds without a heartbeat before a child counts as hung, unless told otherwise: a
 #: message may take minutes of blocking work.
@@ -155,6 +155,9 @@ class ChildBroker(Child, ObjectReceiveStream[Any]):
     Raises:
         TypeError: ``fn`` is not callable, or cannot be pickled (defined inside a function,
             a lambda...): the worker could not find it.
+        RuntimeError: it is made while a child's process imports the parent's main module,
+            which so lacks the ``if __name__ == "__main__":`` guard (the parent's start then
+            fails naming the guard).
         ValueError: a number is out of range.
 
     ``fn`` may also be a class whose constructor takes ``(bus, link)`` and whose async
@@ -192,6 +195,7 @@ class ChildBroker(Child, ObjectReceiveStream[Any]):
     ) -> None:
         self._inbox = _Inbox(inbox_bytes)  # first: the base class sets the state, which wakes readers
         super().__init__(name, restart)
+        _check_main_guard()
         _check_function(fn)
         for label, value in (
             ("grace", grace),
@@ -499,6 +503,18 @@ class ChildBroker(Child, ObjectReceiveStream[Any]):
     async def graceful(self) -> None:
         if self._incarnation is not None:
             await self._incarnation.send_control(Graceful())
+
+
+def _check_main_guard() -> None:
+    """Refuse to be made while a child's worker imports the parent's main module: that script
+    runs its service on import, which would start a child again, and so on."""
+    main = importing_main_in_a_worker()
+    if main is not None:
+        raise MainGuardMissing(
+            f"the main module {main} starts its service when it is imported: a script that uses a ChildBroker "
+            'needs the `if __name__ == "__main__":` guard around the code that runs it (the child\'s process '
+            "imports the main module again, to find the child's function)"
+        )
 
 
 def _check_function(fn: object) -> None:

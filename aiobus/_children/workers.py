@@ -13,6 +13,8 @@ else. So the parent starts each child's worker itself (:func:`start_worker`):
 - descriptor 0 is ``/dev/null``, 1 and 2 are pipes the parent reads: a child's output, and
   its subprocesses', become log lines;
 - the worker leaves the parent's session (a terminal's Ctrl-C reaches the parent only);
+- it inherits the parent's environment but for systemd's ``NOTIFY_SOCKET``,
+  ``WATCHDOG_USEC`` and ``WATCHDOG_PID`` (:func:`aiobus.child_environment`);
 - it loads the parent's main module the way anyio's own workers do (anyio's ``init``
   request), so functions of a ``__main__`` script unpickle there.
 
@@ -46,6 +48,7 @@ import anyio.to_process
 from anyio.abc import ByteReceiveStream, ByteSendStream, Process, UNIXSocketStream
 from anyio.streams.buffered import BufferedByteReceiveStream
 
+from .._environ import child_environment
 from .messages import Sockets
 
 _MAX_REPLY_LINE = 50  # anyio's own bound on a reply's first line
@@ -56,6 +59,40 @@ BOOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_boot.py")
 
 class WorkerError(RuntimeError):
     """The worker could not be prepared (it died, or its ``init`` failed: the error is the cause)."""
+
+
+class MainGuardMissing(RuntimeError):
+    """A child broker is being made while a worker imports the parent's main module: the script
+    starts its service when imported, for want of an ``if __name__ == "__main__":`` guard."""
+
+
+def importing_main_in_a_worker() -> str | None:
+    """The path of the parent's main module if this process is a worker importing it now, else None.
+
+    anyio's ``init`` removes ``__main__`` from ``sys.modules`` and runs the parent's main
+    module as ``__mp_main__``; only while that runs is the one there and not the other.
+    """
+    if "__main__" in sys.modules:
+        return None
+    module = sys.modules.get("__mp_main__")
+    if module is None:
+        return None
+    return getattr(module, "__file__", None) or "?"
+
+
+def _guard_missing(error: BaseException) -> MainGuardMissing | None:
+    """The :class:`MainGuardMissing` inside ``error`` (exception groups, causes), if any."""
+    seen: list[BaseException | None] = [error]
+    while seen:
+        found = seen.pop()
+        if found is None:
+            continue
+        if isinstance(found, MainGuardMissing):
+            return found
+        if isinstance(found, BaseExceptionGroup):
+            seen.extend(found.exceptions)
+        seen.append(found.__cause__)
+    return None
 
 
 @dataclass(frozen=True)
@@ -148,6 +185,7 @@ async def start_worker() -> Worker:
             stderr=subprocess.PIPE,
             pass_fds=fds,
             start_new_session=True,
+            env=child_environment(),  # not systemd's NOTIFY_SOCKET nor WATCHDOG_*: they are the service's
         )
     except BaseException:
         protocol_parent.close()
@@ -186,6 +224,9 @@ async def _init(protocol: UNIXSocketStream) -> None:
         raise WorkerError("the worker process died before it was ready") from error
     if status == b"EXCEPTION":  # our own worker, on a socket only it holds: trusted
         failure = pickle.loads(payload)
+        missing = _guard_missing(failure)
+        if missing is not None:
+            raise WorkerError(str(missing)) from None
         raise WorkerError(f"the worker could not load the main module {main_path!r}: {failure!r}") from failure
 
 

@@ -8,6 +8,7 @@ from .autoreload import Autoreloader as Autoreloader
 from .monitor import Monitor as Monitor
 from .monitor import MonitorStatistics as MonitorStatistics
 from .pidfile import PIDFile as PIDFile
+from .pidfile import PIDFileFolderWarning as PIDFileFolderWarning
 from .pidfile import PIDFileLockedError as PIDFileLockedError
 from .privileges import DropPrivileges as DropPrivileges
 from .signals import SignalHandler as SignalHandler
@@ -23,6 +24,7 @@ __all__ = [
     "Monitor",
     "MonitorStatistics",
     "PIDFile",
+    "PIDFileFolderWarning",
     "PIDFileLockedError",
     "PortReady",
     "SignalHandler",

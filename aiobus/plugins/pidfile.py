@@ -15,12 +15,17 @@ import fcntl
 import logging
 import os
 import stat
+import subprocess
+import sys
 import tempfile
+import warnings
 from typing import Any
 
 import anyio
 
-from aiobus import Bus, Priority, SimplePlugin, priority
+from aiobus import Bus, Priority, SimplePlugin, child_environment, priority
+
+from . import _pid_remover
 
 _MODE = 0o644
 # How long a start waits for a file that is locked but names no live pid: the
@@ -28,12 +33,18 @@ _MODE = 0o644
 _SETTLE_SECONDS = 2.0
 _SETTLE_STEP = 0.01
 _LOCK_UNSUPPORTED = (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL)
+_REMOVER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_pid_remover.py")  # beside this module
+_REMOVER_WAIT = 10.0  # seconds exit waits for the remover (it needs only to start and unlink)
 
 
 class _Lock(enum.Enum):
     TAKEN = "taken"  # we hold the lock of the file at the path
     HELD = "held"  # another process holds it
     CHANGED = "changed"  # the file was replaced or removed meanwhile: look again
+
+
+class PIDFileFolderWarning(UserWarning):
+    """The folder of a PID file lets other users write to it: they can block the start."""
 
 
 class PIDFileLockedError(FileExistsError):
@@ -99,13 +110,13 @@ class PIDFile(SimplePlugin):
     """Writes the process id to ``path`` at start (priority 70) and removes it at exit.
 
     At start, if the file exists and another process holds its lock, the start fails
-    with :class:`PIDFileLockedError` naming the pid in the file. If nobody holds it
-    but the pid it names is a running process (not this one), the start fails the
-    same way: that process may be the service, run by something that does not lock.
-    Otherwise the file is stale (its process died without removing it): it is
-    replaced, with a warning. The new file is written whole to a temporary file in the same folder,
-    locked, then renamed into place (or linked, if there was no file), so that a
-    reader never sees it empty or half written. Its mode is 0644 whatever the umask.
+    with :class:`PIDFileLockedError` naming the pid in the file. If nobody holds it,
+    the file is stale (its process died without removing it): it is replaced, with a
+    warning, even if the pid it names is running: after a crash or a reboot that pid
+    may belong to an unrelated process, and only the lock tells the owner is alive.
+    The new file is written whole to a temporary file in the same folder, locked,
+    then renamed into place (or linked, if there was no file), so that a reader
+    never sees it empty or half written. Its mode is 0644 whatever the umask.
     The lock is held until exit.
 
     At exit the file is removed only if it still holds this process's pid, and the
@@ -114,9 +125,22 @@ class PIDFile(SimplePlugin):
     Security: the last component of ``path`` is never followed if it is a symbolic
     link, and an existing file must be a regular file owned by this user or by root,
     or the start fails. Give a folder that only the service's user (or root) may
-    write to, such as ``/run/<service>/``. With :class:`DropPrivileges`, which runs
-    after it (77), that folder must let the new user create and remove files, or the
-    file cannot be removed at exit (a warning) nor written again after a restart.
+    write to, such as ``/run/<service>/``: in a folder others may write to, even a
+    sticky one such as ``/tmp``, another user can create the file first and so block
+    the start (or, without the sticky bit, replace it). Such a folder is warned about
+    at construction (:class:`PIDFileFolderWarning`).
+
+    With :class:`DropPrivileges`, which runs after it (77), the process may no longer
+    remove the file at exit (``/run`` is root's). Rather than opening the folder to the
+    new user (who could then replace the file, and so could any other service of that
+    user), pass ``privileged_removal=True``: a process started as root then starts, with
+    the file, a small helper (``_pid_remover.py``) that keeps root's identity, runs no
+    code of the service, and removes the file once the service lets go of its lock (at
+    exit, or at its death however it dies) if the file is still the one it wrote.
+    ``aiobus run`` does so with ``--user`` or ``--group``. Without it, a file that cannot
+    be removed is warned about at exit and left: it is stale (unlocked), and the next
+    start replaces it. Either way, after a restart (a re-exec as the new user) the file
+    can be written again only if the new user may write to the folder.
 
     If ``flock`` is not supported where the file is (some network file systems), a
     warning is logged and whether the pid in the file is alive decides instead.
@@ -125,6 +149,12 @@ class PIDFile(SimplePlugin):
         bus: the bus.
         path: the PID file. A relative path is made absolute now, against the current
             folder, so that a later ``chdir`` (daemonizing) does not move it.
+        privileged_removal: as root, leave the removal at exit to a helper that keeps
+            root's identity, for a service that drops its privileges after the start.
+
+    Warns:
+        PIDFileFolderWarning: at construction, users other than the folder's owner may
+            write to the folder of ``path`` (it is group- or world-writable).
 
     Raises:
         FileNotFoundError: at construction, the folder of ``path`` does not exist.
@@ -132,8 +162,9 @@ class PIDFile(SimplePlugin):
         IsADirectoryError: at construction, ``path`` is a folder.
     """
 
-    def __init__(self, bus: Bus, path: str | os.PathLike[str]) -> None:
+    def __init__(self, bus: Bus, path: str | os.PathLike[str], *, privileged_removal: bool = False) -> None:
         super().__init__(bus)
+        self.privileged_removal = privileged_removal
         self.path = os.path.abspath(os.fspath(path))
         folder = os.path.dirname(self.path)
         if not os.path.exists(folder):
@@ -143,8 +174,10 @@ class PIDFile(SimplePlugin):
         if os.path.isdir(self.path) and not os.path.islink(self.path):
             raise IsADirectoryError(errno.EISDIR, "a PID file cannot be a folder", self.path)
         self._folder = folder
+        self._check_folder()
         self._fd: int | None = None
         self._pid: int | None = None
+        self._remover: subprocess.Popen[bytes] | None = None
 
     @property
     def pid(self) -> int | None:
@@ -168,7 +201,6 @@ class PIDFile(SimplePlugin):
         """
         if self._fd is not None:
             return  # started again after a stop: the file is still ours
-        self._check_folder()
         pid = os.getpid()
         waited = 0.0
         while True:
@@ -179,8 +211,6 @@ class PIDFile(SimplePlugin):
                 continue  # another process created it meanwhile: look at theirs
             try:
                 outcome, named = self._try_lock(fd)
-                if outcome is _Lock.TAKEN and named is not None and named != pid and _is_alive(named):
-                    raise PIDFileLockedError(self.path, named, locked=False)
                 if outcome is _Lock.TAKEN and self._replace(fd, pid, named):
                     return
             finally:
@@ -192,10 +222,18 @@ class PIDFile(SimplePlugin):
                 waited += _SETTLE_STEP
 
     def _check_folder(self) -> None:
-        """Warn if anyone may replace the file: a folder writable by all, without the sticky bit."""
+        """Warn if users other than the folder's owner may write to it."""
         mode = os.stat(self._folder).st_mode
-        if mode & stat.S_IWOTH and not mode & stat.S_ISVTX:
-            self._warn(f"The folder of PID file {self.path} is writable by others: they can replace the file")
+        if not mode & (stat.S_IWGRP | stat.S_IWOTH):
+            return
+        who = "everyone" if mode & stat.S_IWOTH else "its group"
+        harm = "create the file first" if mode & stat.S_ISVTX else "create, replace or remove the file"
+        warnings.warn(
+            f"the folder of PID file {self.path} is writable by {who}: another user can {harm} and block "
+            "the start; use a folder only the service's user (or root) may write to, such as /run/<service>/",
+            PIDFileFolderWarning,
+            stacklevel=3,
+        )
 
     def _open_existing(self) -> int | None:
         """Open the file at ``path`` for locking, checked to be safe; None if there is none."""
@@ -241,7 +279,7 @@ class PIDFile(SimplePlugin):
                 path=self.path,
             )
             if named is not None and named != os.getpid() and _is_alive(named):
-                raise PIDFileLockedError(self.path, named) from error
+                raise PIDFileLockedError(self.path, named, locked=False) from error
         if not _same_file(fd, self.path):
             return _Lock.CHANGED, None  # its holder removed or replaced it before we locked it
         return _Lock.TAKEN, _read_pid(fd)
@@ -296,26 +334,70 @@ class PIDFile(SimplePlugin):
         if stale is None:
             self._warn(f"Replaced PID file {self.path}, which named no pid")
         elif stale != pid:
-            self._warn(f"Replaced stale PID file {self.path}: pid {stale} is not running", stale_pid=stale)
+            state = "does not hold its lock" if _is_alive(stale) else "is not running"
+            self._warn(f"Replaced stale PID file {self.path}: pid {stale} {state}", stale_pid=stale)
         self._held(fd, pid)
         return True
 
     def _held(self, fd: int, pid: int) -> None:
         self._fd, self._pid = fd, pid
         self.bus.log(f"PID file {self.path} written", path=self.path, pid=pid)
+        if self.privileged_removal and os.geteuid() == 0:
+            self._start_remover(fd, pid)
+
+    def _start_remover(self, fd: int, pid: int) -> None:
+        """Start the helper that removes the file, as root, once this process lets go of its lock."""
+        info = os.fstat(fd)
+        try:
+            self._remover = subprocess.Popen(
+                [sys.executable, "-I", "-S", _REMOVER, self.path, str(pid), str(info.st_dev), str(info.st_ino)],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                env=child_environment(),
+            )
+        except BaseException:
+            self._fd = self._pid = None
+            try:
+                os.unlink(self.path)
+            finally:
+                os.close(fd)
+            raise
 
     # -- exit ----------------------------------------------------------------------
 
-    def exit(self) -> None:
-        """Remove the file if it still holds our pid, and release the lock. Never raises."""
-        fd, pid = self._fd, self._pid
+    async def exit(self) -> None:
+        """Remove the file if it still holds our pid, and release the lock. Never raises.
+
+        With a remover (``privileged_removal``), release the lock and wait for the remover
+        to end, at most 10 seconds (a warning then). Cancelled meanwhile, the remover
+        finishes on its own.
+        """
+        fd, pid, remover = self._fd, self._pid, self._remover
         if fd is None:
             return
-        self._fd = self._pid = None
+        self._fd = self._pid = self._remover = None
+        if remover is not None:
+            os.close(fd)  # the remover's turn
+            await self._wait_remover(remover, pid)
+            return
         try:
             self._remove_if_ours(pid)
         finally:
             os.close(fd)
+
+    async def _wait_remover(self, remover: subprocess.Popen[bytes], pid: int | None) -> None:
+        try:
+            code = await anyio.to_thread.run_sync(remover.wait, _REMOVER_WAIT)
+        except subprocess.TimeoutExpired:
+            self._warn(f"PID file {self.path}: its remover (pid {remover.pid}) did not end within {_REMOVER_WAIT:g} s")
+            return
+        if code == _pid_remover.REMOVED:
+            self.bus.log(f"PID file {self.path} removed", path=self.path, pid=pid)
+        elif code == _pid_remover.LEFT:
+            self._warn(f"PID file {self.path} is no longer ours (pid {pid}): left in place")
+        else:
+            self._warn(f"PID file {self.path}: its remover failed (exit status {code}); the file may be left")
 
     def _remove_if_ours(self, pid: int | None) -> None:
         try:

@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 import anyio
 from anyio.abc import ByteReceiveStream, Process
 
-from aiobus import Bus, Child, ChildExit, LineSplitter, Restart, Supervisor, check_seconds
+from aiobus import Bus, Child, ChildExit, LineSplitter, Restart, Supervisor, check_seconds, child_environment
 
 from ._readiness import LineReady, PortReady
 
@@ -134,7 +134,9 @@ class Subprocess(Child):
         bus: the bus.
         name: names the program in logs, exits and the children listing.
         argv: the program and its arguments; the program is looked up on ``PATH``.
-        env: the program's whole environment (it replaces this process's, the default).
+        env: the program's whole environment. By default, this process's without systemd's
+            ``NOTIFY_SOCKET``, ``WATCHDOG_USEC`` and ``WATCHDOG_PID`` (they speak for the
+            service): a program meant to notify systemd is given them here.
         cwd: the program's working directory (by default, this process's).
         restart: ``"permanent"``, ``"transient"`` or ``"temporary"``.
         stop_signal: sent to the program's process group to stop it.
@@ -369,7 +371,7 @@ class Subprocess(Child):
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 cwd=self.cwd,
-                env=self.env,
+                env=child_environment(self.env),
                 start_new_session=True,
                 pass_fds=(status_w,),
             )

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import os
 import sys
+import time
+from pathlib import Path
 
 import anyio
 import anyio.to_process
 import child_functions
 import pytest
-from processes import alive
+from processes import Spawner, alive
 
 from aiobus import Bus, ChildBroker, end_idle_workers
 from aiobus._children.child import run_child
@@ -64,3 +66,76 @@ class TestEndIdleWorkers:
         fresh = await anyio.to_process.run_sync(os.getpid)
         assert fresh not in pids
         assert await end_idle_workers() == 1
+
+
+class TestEnvironment:
+    async def test_systemd_variables_do_not_reach_a_child_broker(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """A child's worker inherits the parent's environment but for NOTIFY_SOCKET, WATCHDOG_USEC and WATCHDOG_PID."""
+        monkeypatch.setenv("NOTIFY_SOCKET", "/run/systemd/notify")
+        monkeypatch.setenv("WATCHDOG_USEC", "30000000")
+        monkeypatch.setenv("WATCHDOG_PID", str(os.getpid()))
+        monkeypatch.setenv("OTHER", "kept")
+        async with Bus() as bus:
+            child = ChildBroker(bus, "env", child_functions.report_environment)
+            child.subscribe()
+            await bus.start()
+            with anyio.fail_after(30):
+                seen = await child.receive()
+        assert seen == {"NOTIFY_SOCKET": None, "WATCHDOG_USEC": None, "WATCHDOG_PID": None, "OTHER": "kept"}
+
+
+# A script that starts its service when imported: no `if __name__ == "__main__":` guard.
+UNGUARDED = """
+import anyio
+from aiobus import Bus, ChannelFailures, ChildBroker, ParentLink, configure_logging
+
+
+async def broker(bus: Bus, link: ParentLink) -> None:
+    async for _ in link:
+        pass
+
+
+async def main() -> int:
+    async with Bus() as bus:
+        ChildBroker(bus, "broker", broker).subscribe()
+        try:
+            await bus.start()
+        except ChannelFailures as failures:
+            print("start failed:", failures.exceptions[0])
+    return bus.exit_code
+
+
+configure_logging(format="json")
+raise SystemExit(anyio.run(main))
+"""
+
+
+class TestMainGuard:
+    def test_a_script_without_the_main_guard_fails_the_start_naming_it(self, spawn: Spawner) -> None:
+        """The child's worker imports the unguarded script, which would run the service again: the start fails
+        naming the missing guard, and nothing is left running."""
+        child = spawn.script(UNGUARDED, name="unguarded.py")
+        assert child.wait(60) == 70, child.output
+        failed = child.wait_for("start failed:")
+        assert f"the main module {spawn.directory / 'unguarded.py'} starts its service when it is imported" in failed
+        assert 'needs the `if __name__ == "__main__":` guard' in failed
+        assert child.output.count('"Bus STARTING"') == 1  # the worker built no bus of its own past the check
+        child.assert_nothing_left()
+        assert_none_left_in(spawn.directory)  # the worker left the script's session: found by its directory
+
+
+def assert_none_left_in(directory: Path, timeout: float = 10) -> None:
+    """Fail unless every process whose working directory is ``directory`` has ended within ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = []
+        for entry in os.listdir("/proc"):
+            try:
+                if entry.isdigit() and os.readlink(f"/proc/{entry}/cwd") == str(directory):
+                    left.append(int(entry))
+            except OSError:
+                continue
+        if not alive(left):
+            return
+        assert time.monotonic() < deadline, f"processes left behind: {alive(left)}"
+        time.sleep(0.05)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import sys
 import threading
@@ -99,8 +100,8 @@ class Daemons:
         self.spawn = spawn
         self.workdir = workdir
 
-    def run(self, mode: str, **env: str) -> Child:
-        return self.spawn.script(SERVICE, mode, str(self.workdir), env=env)
+    def run(self, mode: str, pass_fds: tuple[int, ...] = (), **env: str) -> Child:
+        return self.spawn.script(SERVICE, mode, str(self.workdir), env=env, pass_fds=pass_fds)
 
     @property
     def pid(self) -> int:
@@ -140,6 +141,24 @@ class TestStart:
         assert (daemons.workdir / "ready").exists()
         assert not is_gone(pid)
         original.assert_nothing_left()
+
+    def test_a_pipe_the_caller_held_ends_once_the_daemon_runs(self, daemons: Daemons) -> None:
+        """A pipe whose write end the caller held across daemonize reaches its end: the daemon closed its copy."""
+        read_fd, write_fd = os.pipe()
+        try:
+            original = daemons.run("ok", pass_fds=(write_fd,))
+            os.close(write_fd)
+            write_fd = -1
+            assert original.wait(60) == 0, original.output
+            assert not is_gone(daemons.pid)  # the daemon runs, and yet:
+            ready, _, _ = select.select([read_fd], [], [], 60)
+            assert ready and os.read(read_fd, 1) == b""
+            assert not is_gone(daemons.pid)
+            assert sorted(os.listdir(f"/proc/{daemons.pid}/fd"), key=int)[:3] == ["0", "1", "2"]
+        finally:
+            os.close(read_fd)
+            if write_fd >= 0:
+                os.close(write_fd)
 
     def test_daemon_is_in_a_new_session_without_leading_it(self, daemons: Daemons) -> None:
         """The daemon has left the original's session and, after the second fork, does not lead its own."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import logging
 import os
 import shutil
 import signal
@@ -23,7 +22,7 @@ from helpers import LogRecorder
 from processes import Child, Spawner
 
 from aiobus import Bus, ChannelFailures
-from aiobus.plugins.pidfile import PIDFile, PIDFileLockedError
+from aiobus.plugins.pidfile import PIDFile, PIDFileFolderWarning, PIDFileLockedError
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="POSIX files, locks and signals (Linux)")
 
@@ -150,14 +149,15 @@ class TestStaleFile:
         assert f"pid {gone} is not running" in warning["event"]
         stop_service(child)
 
-    def test_unlocked_file_of_a_live_pid_fails_the_start(self, spawn: Spawner, pid_path: Path) -> None:
-        """A PID file naming a running process (even without its lock) fails the start, naming that pid."""
-        pid_path.write_text(f"{os.getpid()}\n")
-        child = spawn.script(SERVICE, str(pid_path))
-        assert child.wait() != 0
-        assert f"names process {os.getpid()}, which is running" in child.output
-        assert "Bus STARTED" not in child.output
-        assert pid_path.read_text() == f"{os.getpid()}\n"
+    def test_unlocked_file_of_a_live_pid_is_replaced_with_a_warning(self, spawn: Spawner, pid_path: Path) -> None:
+        """A PID file nobody holds the lock of is stale even if its pid now names a running process."""
+        pid_path.write_text(f"{os.getpid()}\n")  # a reused pid: this test process, alive and not the service
+        child = start_service(spawn, pid_path)
+        assert pid_path.read_text() == f"{child.pid}\n"
+        [warning] = warnings_of(child)
+        assert warning["stale_pid"] == os.getpid()
+        assert f"pid {os.getpid()} does not hold its lock" in warning["event"]
+        stop_service(child)
 
 
 class TestAtExit:
@@ -258,15 +258,30 @@ class TestInProcess:
             bus.subscribe("start", before, priority=69.9)
             assert bus.listeners["start"] == (before, plugin.start, after)
 
-    async def test_folder_writable_by_all_is_warned_about(self, pid_path: Path, log_recorder: LogRecorder) -> None:
-        """A PID file in a folder anyone may write to (and not sticky) is written, with a warning."""
-        os.chmod(pid_path.parent, 0o777)
+    @pytest.mark.parametrize(("mode", "who"), [(0o777, "everyone"), (0o1777, "everyone"), (0o770, "its group")])
+    async def test_folder_others_may_write_to_is_warned_about_at_construction(
+        self, pid_path: Path, mode: int, who: str
+    ) -> None:
+        """A PID file in a folder others may write to, sticky like /tmp or not, warns when the plugin is made."""
+        os.chmod(pid_path.parent, mode)
         async with Bus() as bus:
-            bus.subscribe("log", log_recorder)
-            PIDFile(bus, pid_path).subscribe()
-            await bus.start()
-            [warning] = [record for record in log_recorder.records if record.level == logging.WARNING]
-        assert "is writable by others" in warning.msg
+            with pytest.warns(PIDFileFolderWarning, match=f"is writable by {who}: another user can create") as caught:
+                PIDFile(bus, pid_path)
+        [warning] = caught
+        assert warning.filename == __file__  # it points at the caller
+
+    @pytest.mark.skipif(os.geteuid() != 0, reason="needs root, to give a file to another user")
+    def test_file_another_user_made_first_in_a_sticky_folder_blocks_the_start(
+        self, spawn: Spawner, pid_path: Path
+    ) -> None:
+        """What the warning is about: a file of another user in a sticky folder open to all refuses the start."""
+        os.chmod(pid_path.parent, 0o1777)
+        pid_path.write_text("")
+        os.chown(pid_path, 65534, 65534)  # as if nobody had made it
+        child = spawn.script(SERVICE, str(pid_path))
+        assert child.wait() == 70, child.output
+        assert "PIDFileFolderWarning" in child.output
+        assert "belongs to uid 65534" in child.output
 
     async def test_unsubscribed_plugin_writes_nothing(self, pid_path: Path) -> None:
         """After unsubscribe(), a start writes no PID file."""
@@ -334,33 +349,6 @@ class TestFileEdgeCases:
         assert not path.exists()
 
 
-# argv: the PID file. Starts as root, becomes nobody before the bus exists (imports done first).
-AS_NOBODY = """
-import os, pwd, sys
-import anyio, anyio._backends._asyncio
-from aiobus import Bus, ChannelFailures, configure_logging
-from aiobus.plugins.pidfile import PIDFile
-
-nobody = pwd.getpwnam("nobody")
-os.setgroups([nobody.pw_gid])
-os.setgid(nobody.pw_gid)
-os.setuid(nobody.pw_uid)
-
-async def main() -> int:
-    async with Bus() as bus:
-        PIDFile(bus, sys.argv[1]).subscribe()
-        try:
-            await bus.start()
-        except ChannelFailures:
-            print("outcome: failed")
-        else:
-            print("outcome: started")
-    return bus.exit_code
-
-configure_logging(format="json")
-raise SystemExit(anyio.run(main))
-"""
-
 # argv: the PID file. Written as root (70), then the process becomes nobody (77).
 THEN_DROP = """
 import sys
@@ -374,6 +362,30 @@ async def main() -> int:
         PIDFile(bus, sys.argv[1]).subscribe()
         DropPrivileges(bus, uid="nobody").subscribe()
         await bus.start()
+    return bus.exit_code
+
+configure_logging(format="json")
+raise SystemExit(anyio.run(main))
+"""
+
+# argv: the PID file. Written as root with privileged_removal (70), then the process becomes nobody
+# (77) and waits for SIGTERM.
+DROP_AND_WAIT = """
+import signal, sys
+import anyio
+from aiobus import Bus, configure_logging
+from aiobus.plugins.pidfile import PIDFile
+from aiobus.plugins.privileges import DropPrivileges
+
+async def main() -> int:
+    with anyio.open_signal_receiver(signal.SIGTERM) as signals:
+        async with Bus() as bus:
+            PIDFile(bus, sys.argv[1], privileged_removal=True).subscribe()
+            DropPrivileges(bus, uid="nobody").subscribe()
+            await bus.start()
+            print("outcome: started")
+            async for _ in signals:
+                break
     return bus.exit_code
 
 configure_logging(format="json")
@@ -437,17 +449,6 @@ class TestUnusualFiles:
 
 @needs_root_and_nobody
 class TestAsAnotherUser:
-    def test_file_naming_a_process_we_may_not_signal_fails_the_start(self, spawn: Spawner, shared_folder: Path) -> None:
-        """Run as nobody, an unlocked file naming pid 1 (alive, but not ours to signal) still counts as running."""
-        pid_path = shared_folder / "service.pid"
-        pid_path.write_text("1\n")
-        child = spawn.script(AS_NOBODY, str(pid_path))
-        assert child.wait(timeout=60) == 70, child.output
-        assert child.wait_for("outcome:") == "outcome: failed"
-        assert "names process 1, which is running" in child.output
-        assert pid_path.read_text() == "1\n"
-        assert os.listdir(shared_folder) == [pid_path.name]
-
     def test_file_that_cannot_be_removed_at_exit_is_warned_about(self, spawn: Spawner, shared_folder: Path) -> None:
         """Written as root, then run as nobody in a folder nobody may not write: exit warns and leaves the file."""
         pid_path = shared_folder / "service.pid"
@@ -460,3 +461,40 @@ class TestAsAnotherUser:
         assert not any("removed" in event["event"] and event["level"] == "info" for event in child.events())
         with open(pid_path) as file:  # the lock went with the process
             fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+    def test_privileged_removal_removes_the_file_after_the_drop(self, spawn: Spawner, shared_folder: Path) -> None:
+        """With privileged_removal, a helper that stayed root removes the file once the service, now nobody, exits."""
+        pid_path = shared_folder / "service.pid"
+        child = spawn.script(DROP_AND_WAIT, str(pid_path))
+        child.wait_for("outcome: started", timeout=60)
+        assert pid_path.read_text() == f"{child.pid}\n"
+        child.send(signal.SIGTERM)
+        assert child.wait(timeout=60) == 0, child.output
+        assert not warnings_of(child)
+        assert f"PID file {pid_path} removed" in child.output
+        assert os.listdir(shared_folder) == []
+        child.assert_nothing_left()  # the helper too
+
+    def test_privileged_removal_removes_the_file_of_a_killed_service(self, spawn: Spawner, shared_folder: Path) -> None:
+        """The helper removes the file when the service dies by SIGKILL, without an exit of its own."""
+        pid_path = shared_folder / "service.pid"
+        child = spawn.script(DROP_AND_WAIT, str(pid_path))
+        child.wait_for("outcome: started", timeout=60)
+        child.send(signal.SIGKILL)
+        assert child.wait(timeout=60) == -signal.SIGKILL
+        child.assert_nothing_left()  # the helper ends once it has removed the file
+        assert os.listdir(shared_folder) == []
+
+    def test_privileged_removal_leaves_a_file_that_another_process_took_over(
+        self, spawn: Spawner, shared_folder: Path
+    ) -> None:
+        """A file replaced since (it names another pid now) is not the helper's to remove."""
+        pid_path = shared_folder / "service.pid"
+        child = spawn.script(DROP_AND_WAIT, str(pid_path))
+        child.wait_for("outcome: started", timeout=60)
+        os.unlink(pid_path)
+        pid_path.write_text("1\n")
+        child.send(signal.SIGTERM)
+        assert child.wait(timeout=60) == 0, child.output
+        child.assert_nothing_left()
+        assert pid_path.read_text() == "1\n"

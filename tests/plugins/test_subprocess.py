@@ -931,3 +931,45 @@ class TestInstances:
                 Subprocess(bus, "x", ["true"], ready=PortReady("{port}"))
             with pytest.raises(ValueError, match="not a port"):
                 Subprocess(bus, "x", ["true"], instances=1, names=lambda i: {"port": "web"}, ready=PortReady("{port}"))
+
+
+# Prints each of systemd's variables it has, then "env done", and waits to be stopped.
+ENV_PRINTER = """
+import os, time
+for name in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "OTHER"):
+    print(f"{name}={os.environ.get(name)}", flush=True)
+print("env done", flush=True)
+while True:
+    time.sleep(3600)
+"""
+
+SYSTEMD_ENV = {"NOTIFY_SOCKET": "/run/systemd/notify", "WATCHDOG_USEC": "30000000", "WATCHDOG_PID": "1"}
+
+
+class TestEnvironment:
+    async def test_systemd_variables_do_not_reach_a_program(self, where: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        """A program inherits the service's environment but for NOTIFY_SOCKET, WATCHDOG_USEC and WATCHDOG_PID."""
+        for name, value in {**SYSTEMD_ENV, "OTHER": "kept"}.items():
+            monkeypatch.setenv(name, value)
+        recorder = LogRecorder()
+        async with Bus() as bus:
+            bus.subscribe("log", recorder)
+            Subprocess(bus, "env", script(where, "env", ENV_PRINTER), ready=LineReady("env done")).subscribe()
+            await bus.start()
+        printed = lines(recorder.records, "env", "stdout")
+        assert printed == ["NOTIFY_SOCKET=None", "WATCHDOG_USEC=None", "WATCHDOG_PID=None", "OTHER=kept", "env done"]
+
+    async def test_systemd_variables_given_in_env_reach_the_program(
+        self, where: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A program given the variables explicitly in env= gets them."""
+        monkeypatch.setenv("NOTIFY_SOCKET", "/run/systemd/notify")
+        recorder = LogRecorder()
+        async with Bus() as bus:
+            bus.subscribe("log", recorder)
+            env = {**SYSTEMD_ENV, "OTHER": "given"}
+            program = Subprocess(bus, "env", script(where, "env", ENV_PRINTER), env=env, ready=LineReady("env done"))
+            program.subscribe()
+            await bus.start()
+        printed = lines(recorder.records, "env", "stdout")
+        assert printed == [*(f"{name}={value}" for name, value in env.items()), "env done"]
