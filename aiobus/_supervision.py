@@ -111,6 +111,8 @@ class ChildExit:
             did not acknowledge before it ended: they may be lost (some may have been
             processed, the acknowledgement not reaching the parent). Every message accepted
             and not counted here was acknowledged. Always 0 for an external program.
+        unhealthy: its liveness check failed and it was stopped for that: a failure, whatever
+            its exit code.
     """
 
     name: str
@@ -120,11 +122,12 @@ class ChildExit:
     reason: str
     expected: bool = False
     lost: int = 0
+    unhealthy: bool = False
 
     @property
     def failed(self) -> bool:
-        """Whether the child ended on its own, other than with exit code 0."""
-        return not self.expected and not (self.exit_code == 0 and self.signal is None)
+        """Whether the child ended on its own, other than with exit code 0, or failed its liveness check."""
+        return self.unhealthy or (not self.expected and not (self.exit_code == 0 and self.signal is None))
 
 
 @dataclass(frozen=True)
@@ -156,11 +159,16 @@ class Child(abc.ABC):
     #: workers of one pool) start together and stop together, as one step of the order.
     batch: object | None = None
 
-    def __init__(self, name: str, restart: Restart | str = Restart.PERMANENT) -> None:
+    def __init__(self, name: str, restart: Restart | str = Restart.PERMANENT, *, significant: bool = False) -> None:
         if not isinstance(name, str) or not name:
             raise ValueError(f"a child needs a non-empty name, not {name!r}")
+        if not isinstance(significant, bool):
+            raise TypeError(f"significant must be True or False, not {significant!r}")
         self.name = name
         self.restart = Restart(restart)
+        #: When it ends for good (its policy says not to restart it, or its restarts are
+        #: exhausted), the bus exits: code 0 if it ended cleanly, 70 otherwise.
+        self.significant = significant
         self._state = ChildState.STOPPED
         self.restarts = 0
         self.last_exit: ChildExit | None = None
@@ -254,6 +262,17 @@ class Child(abc.ABC):
         Cancelled: the child may not have been told. No timeout.
         """
 
+    def send_signal(self, sig: int) -> None:
+        """Send ``sig`` to the running incarnation (a subclass may send it to a whole process group).
+
+        Raises:
+            ProcessLookupError: nothing runs.
+        """
+        pid = self.pid
+        if pid is None:
+            raise ProcessLookupError(f"child {self.name!r} is not running")
+        os.kill(pid, sig)
+
     def info(self) -> ChildInfo:
         uptime = None
         if self.state is ChildState.RUNNING and self.started_at is not None:
@@ -323,6 +342,7 @@ class Supervisor(SimplePlugin):
         self._incarnations: dict[int, int] = {}  # id(child) -> number of its current incarnation
         self._watches: dict[int, anyio.Event] = {}  # id(child) -> set once its exit is handed on
         self._forcing = False  # a cut-short stop is ending the children: the stop in order goes no further
+        self._steered: dict[anyio.CancelScope, anyio.Event] = {}  # start/restart_child spawns under way
 
     # -- the group --------------------------------------------------------------------
 
@@ -465,30 +485,77 @@ class Supervisor(SimplePlugin):
 
     # -- one child at run time ---------------------------------------------------------
 
-    async def start_child(self, child: Child) -> None:
-        """Add ``child`` to the group if it is not in it, and start it now if the group runs.
+    async def start_child(self, child: Child | str) -> ChildInfo:
+        """Start a child now, if the group runs and the child does not; return once it runs (ready).
+
+        A child given by name is looked up; a :class:`Child` not in the group joins it first.
+        Its policy and the group's strategy apply from then on. While the group does not run
+        (or the bus's stop has begun), it is only added.
 
         Raises:
+            KeyError: no child of the group has that name.
+            RuntimeError: the bus's stop began while it was starting (nothing of it runs).
             Exception: it could not start (recorded and logged; nothing of it runs).
 
         Cancelled: nothing of it is left running. Timeout: the child's own start timeout.
         """
-        if child not in self._children:
+        if isinstance(child, Child) and child not in self._children:
             self.add(child)
-        if self._scope is not None and not self._running(child):
-            await self._spawn(child)
+        child = self._resolve(child)
+        if self._scope is not None and not self._stopping and not self._running(child):
+            await self._steered_spawn(child)
+        return child.info()
 
-    async def stop_child(self, child: Child, budget: float | None = None) -> None:
-        """Stop ``child`` (within its own stop budget unless given one) and wait until its exit is
-        recorded; it is not restarted, and stays in the group, stopped.
+    async def stop_child(self, child: Child | str, budget: float | None = None) -> ChildInfo:
+        """Stop a child (within its own stop budget unless given one) and wait until its exit is
+        handed on; it stays in the group, stopped: neither its policy nor a strategy restarts it
+        until :meth:`start_child` or the bus's next start. Its exit is an expected one.
+
+        Raises:
+            KeyError: no child of the group has that name.
 
         Shielded: once begun, the stop completes. Timeout: the budget, then a kill.
         """
+        child = self._resolve(child)
         with anyio.CancelScope(shield=True):
             if self._running(child):
                 await self._stop_child(child, budget)
             if child.state is not ChildState.FAILED:
-                child.state = ChildState.STOPPED
+                child.state = ChildState.STOPPED  # an exit of its own still waiting for a decision is void
+        return child.info()
+
+    async def restart_child(self, child: Child | str) -> ChildInfo:
+        """Stop a child (if it runs), then start it again; return once it runs (ready).
+
+        Only that child, whatever the strategy; it counts in its ``restarts``, not in the
+        restart intensity.
+
+        Raises, cancelled, timeout: as :meth:`stop_child`, then :meth:`start_child`.
+        """
+        child = self._resolve(child)
+        running = self._running(child)
+        await self.stop_child(child)
+        if self._scope is not None and not self._stopping:
+            await self._steered_spawn(child)
+            if running:
+                child.restarts += 1
+        return child.info()
+
+    def _resolve(self, child: Child | str) -> Child:
+        return self[child] if isinstance(child, str) else child
+
+    async def _steered_spawn(self, child: Child) -> None:
+        """Spawn ``child`` for start_child or restart_child; the bus's stop cancels it (RuntimeError)."""
+        scope, done = anyio.CancelScope(), anyio.Event()
+        self._steered[scope] = done
+        try:
+            with scope:
+                await self._spawn(child)
+        finally:
+            del self._steered[scope]
+            done.set()
+        if scope.cancelled_caught:
+            raise RuntimeError(f"the bus's stop began while child {child.name!r} was starting")
 
     # -- running children -------------------------------------------------------------
 
@@ -654,7 +721,14 @@ class Supervisor(SimplePlugin):
                     child.state = ChildState.STOPPED
 
     async def _halt_supervision(self) -> None:
-        """End the supervisor's loop (no restart from here on): from then on, exits are recorded by their watchers."""
+        """End the supervisor's loop (no restart from here on): from then on, exits are recorded by their watchers.
+
+        The starts of start_child and restart_child under way are cancelled first, and waited for."""
+        steered = list(self._steered.items())
+        for scope, _ in steered:
+            scope.cancel()
+        for _, done in steered:
+            await done.wait()
         if self._scope is not None:
             self._scope.cancel()
             await self._ended.wait()
@@ -720,6 +794,8 @@ class Supervisor(SimplePlugin):
                 async for child, incarnation, exit in exits:
                     if exit.expected or incarnation != self._incarnations.get(id(child)) or self._stopping:
                         await self._record(child, exit)  # stopped by us, or already restarted: nothing to decide
+                    elif child.state is ChildState.STOPPED:
+                        await self._record(child, exit)  # stop_child got there first: no decision
                     else:
                         await self._handle_exit(child, exit)
         finally:
@@ -739,6 +815,8 @@ class Supervisor(SimplePlugin):
         await self._record(child, exit)
         if child.restart is Restart.TEMPORARY or (child.restart is Restart.TRANSIENT and not exit.failed):
             child.state = ChildState.EXITED
+            if child.significant:
+                self._end_with(child, exit)
             return
         affected = self._affected(child)
         child.state = ChildState.RESTARTING
@@ -755,7 +833,10 @@ class Supervisor(SimplePlugin):
             await anyio.sleep(delay)
             if self._stopping:
                 return  # the bus is stopping: its stop stops whatever runs
-            affected = [each for each in affected if each in self._children]  # a pool may have shrunk
+            # a pool may have shrunk; a child stopped or started by stop_child or start_child meanwhile is left be
+            affected = [each for each in affected if each in self._children and each.state is ChildState.RESTARTING]
+            if not affected:
+                return
             try:
                 for step in self._steps(affected):
                     await self._spawn_step(step)
@@ -776,11 +857,14 @@ class Supervisor(SimplePlugin):
         return self.bus.state in (State.STOPPING, State.EXITING)
 
     def _affected(self, child: Child) -> list[Child]:
+        """The children a strategy restarts along with ``child``: not those that exited for good, nor
+        those an operator stopped (``stop_child``)."""
+        settled = (ChildState.EXITED, ChildState.STOPPED)
         if self.strategy is Strategy.ONE_FOR_ALL:
-            return [c for c in self._children if c.state is not ChildState.EXITED or c is child]
+            return [c for c in self._children if c.state not in settled or c is child]
         if self.strategy is Strategy.REST_FOR_ONE:
             index = self._children.index(child)
-            return [c for c in self._children[index:] if c.state is not ChildState.EXITED or c is child]
+            return [c for c in self._children[index:] if c.state not in settled or c is child]
         return [child]
 
     def _next_restart_delay(self) -> float | None:
@@ -792,6 +876,20 @@ class Supervisor(SimplePlugin):
             return None
         self._restart_times.append(now)
         return min(self.max_backoff, self.backoff * 2.0 ** (len(self._restart_times) - 1))
+
+    def _end_with(self, child: Child, exit: ChildExit) -> None:
+        """A significant child ended for good: the bus exits, code 0 if it ended cleanly, 70 otherwise."""
+        code = EX_SOFTWARE if exit.failed else 0
+        self.bus.log(
+            f"Significant child {child.name} ended for good ({exit.reason}): exiting with code {code}",
+            logging.WARNING if code else logging.INFO,
+            child=child.name,
+            reason=exit.reason,
+            exit_code=code,
+        )
+        if code:
+            self.bus.exit_code = code
+        self.bus.start_soon(self.bus.exit)
 
     def _give_up(self, affected: list[Child]) -> None:
         reason = f"more than {self.max_restarts} restarts within {self.within:g} s"

@@ -127,6 +127,9 @@ class ChildBroker(Child, ObjectReceiveStream[Any]):
         fn: the child's async function.
         restart: ``permanent``, ``transient`` or ``temporary``.
         supervisor: the group it joins; the bus's default group if None.
+        significant: when it ends for good (a normal exit of a transient or temporary
+            child, or its restarts exhausted), the bus exits: code 0 if it ended cleanly, 70
+            otherwise.
         grace: seconds the child has to exit after the stop, before SIGTERM.
         term_grace: seconds after SIGTERM before SIGKILL.
         start_timeout: seconds for the child to be ready.
@@ -180,6 +183,7 @@ class ChildBroker(Child, ObjectReceiveStream[Any]):
         *,
         restart: Restart | str = Restart.PERMANENT,
         supervisor: Supervisor | None = None,
+        significant: bool = False,
         grace: float = 5.0,
         term_grace: float = 2.0,
         start_timeout: float = 30.0,
@@ -194,7 +198,7 @@ class ChildBroker(Child, ObjectReceiveStream[Any]):
         workers: int | None = None,
     ) -> None:
         self._inbox = _Inbox(inbox_bytes)  # first: the base class sets the state, which wakes readers
-        super().__init__(name, restart)
+        super().__init__(name, restart, significant=significant)
         _check_main_guard()
         _check_function(fn)
         for label, value in (
@@ -237,6 +241,7 @@ class ChildBroker(Child, ObjectReceiveStream[Any]):
         self._turn = 0  # where the pool's next tie goes
         self._options: dict[str, Any] = {
             "restart": self.restart,
+            "significant": significant,
             "grace": grace,
             "term_grace": term_grace,
             "start_timeout": start_timeout,

@@ -49,6 +49,7 @@ from anyio.abc import ByteReceiveStream, Process
 
 from aiobus import Bus, Child, ChildExit, LineSplitter, Restart, Supervisor, check_seconds, child_environment
 
+from ._liveness import wait_not_live
 from ._readiness import LineReady, PortReady
 
 __all__ = ["LineReady", "PortReady", "Subprocess"]
@@ -79,6 +80,9 @@ class _Run:
     exit: ChildExit | None = None
     known: anyio.Event = field(default_factory=anyio.Event)  # the pid is known, or never will be
     line_seen: anyio.Event = field(default_factory=anyio.Event)
+    live_lines: int = 0  # lines matching a LineReady liveness check
+    unhealthy: str | None = None  # why the liveness check stopped it
+    live_scope: anyio.CancelScope | None = None
     ended: anyio.Event = field(default_factory=anyio.Event)
 
 
@@ -161,6 +165,18 @@ class Subprocess(Child):
             and ``}}`` for braces.
         names: for instances, more names to fill in: a function of the index returning them
             (say ``lambda index: {"port": 8000 + index}``).
+        significant: when it ends for good (a normal exit of a transient or temporary
+            program, or its restarts exhausted), the bus exits: code 0 if it ended cleanly,
+            70 otherwise.
+        reload_signal: sent to the program's process group on the bus's graceful (SIGHUP
+            for nginx-like programs that reload on it); None: graceful leaves it alone.
+        live: a liveness check while it runs (after it is ready): :class:`PortReady` (its
+            port answers) or :class:`LineReady` (a matching line since the previous check).
+            After ``live_failures`` failures in a row it gets its stop signal (SIGKILL
+            ``kill_after`` s later), and its exit, a failure with ``unhealthy=True`` and the
+            reason, goes to its restart policy.
+        live_interval: seconds between two liveness checks, and the bound on each.
+        live_failures: failed checks in a row that make it not live.
 
     Raises:
         TypeError, ValueError: an argument is of the wrong type or out of range, or a
@@ -183,12 +199,17 @@ class Subprocess(Child):
         stop_timeout: float | None = None,
         ready: PortReady | LineReady | None = None,
         ready_timeout: float = 30.0,
+        significant: bool = False,
+        reload_signal: int | None = None,
+        live: PortReady | LineReady | None = None,
+        live_interval: float = 10.0,
+        live_failures: int = 3,
         max_line: int = 65536,
         supervisor: Supervisor | None = None,
         instances: int | None = None,
         names: Callable[[int], Mapping[str, object]] | None = None,
     ) -> None:
-        super().__init__(name, restart)
+        super().__init__(name, restart, significant=significant)
         self.bus = bus
         self.argv = _check_argv(argv)
         if env is not None and (
@@ -219,6 +240,19 @@ class Subprocess(Child):
             raise ValueError(f"max_line must be a number of bytes >= 1, not {max_line!r}")
         self.max_line = max_line
         self.supervisor = supervisor
+        try:
+            self.reload_signal = None if reload_signal is None else signal.Signals(reload_signal)
+        except ValueError:
+            raise ValueError(f"reload_signal must be None or a signal, not {reload_signal!r}") from None
+        if live is not None and not isinstance(live, PortReady | LineReady):
+            raise TypeError(f"live must be None, a PortReady or a LineReady, not {live!r}")
+        if isinstance(live, PortReady) and isinstance(live.port, str) and instances is None:
+            raise ValueError(f"PortReady's port {live.port!r} is a template: give the program instances=N")
+        self.live = live
+        self.live_interval = _seconds("live_interval", live_interval, zero=False)
+        if isinstance(live_failures, bool) or not isinstance(live_failures, int) or live_failures < 1:
+            raise ValueError(f"live_failures must be an int >= 1, not {live_failures!r}")
+        self.live_failures = live_failures
         self._run: _Run | None = None
         self._instances: list[Subprocess] | None = None
         if instances is not None:
@@ -240,6 +274,7 @@ class Subprocess(Child):
                 raise ValueError(f"program {self.name!r}: {text!r} cannot be filled in: {error!r}") from None
 
         ready = self.ready.for_instance(values) if isinstance(self.ready, PortReady) else self.ready
+        live = self.live.for_instance(values) if isinstance(self.live, PortReady) else self.live
         instance = Subprocess(
             self.bus,
             name,
@@ -253,6 +288,11 @@ class Subprocess(Child):
             ready_timeout=self.ready_timeout,
             max_line=self.max_line,
             supervisor=self.supervisor,
+            significant=self.significant,
+            reload_signal=self.reload_signal,
+            live=live,
+            live_interval=self.live_interval,
+            live_failures=self.live_failures,
         )
         instance.batch = self
         return instance
@@ -310,6 +350,8 @@ class Subprocess(Child):
             await self._confirm(run)
             if self.ready is not None:
                 await self._wait_ready(run)
+            if self.live is not None:
+                self.bus.start_soon(self._stay_live, run, name=f"aiobus liveness {self.name}")
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await self._kill(run, "its start failed")
@@ -358,6 +400,60 @@ class Subprocess(Child):
                 with anyio.CancelScope(shield=True):
                     await self._kill(run, "the shutdown was cut short")
                     await run.ended.wait()
+
+    def send_signal(self, sig: int) -> None:
+        """Send ``sig`` to the program's whole process group.
+
+        Raises:
+            ProcessLookupError: the program is not running.
+        """
+        pid = self.pid
+        if pid is None:
+            raise ProcessLookupError(f"program {self.name!r} is not running")
+        os.killpg(pid, sig)
+
+    async def graceful(self) -> None:
+        """Send ``reload_signal`` (if any) to the program's process group; the program runs on.
+
+        Nothing to cancel: it never waits."""
+        if self.reload_signal is not None and self.pid is not None:
+            self.bus.log(
+                f"Program {self.name}: {self.reload_signal.name} to its process group (graceful)",
+                program=self.name,
+                pid=self.pid,
+                signal=self.reload_signal.name,
+            )
+            try:
+                self.send_signal(self.reload_signal)
+            except ProcessLookupError:
+                pass  # it ended meanwhile: its exit says so
+
+    async def _stay_live(self, run: _Run) -> None:
+        """Check the incarnation's liveness until it ends; once it fails, stop it (stop signal, then
+        SIGKILL after ``kill_after``). Cancelled when the incarnation ends."""
+        assert self.live is not None
+        with anyio.CancelScope() as scope:
+            run.live_scope = scope
+            if run.ended.is_set():
+                return
+            why = await wait_not_live(
+                self.live, run.pid, self.live_interval, self.live_failures, lambda: run.live_lines
+            )
+            if run.stopping:
+                return
+            run.unhealthy = why
+            self.bus.log(
+                f"Program {self.name} is not live ({why}): stopping it with {self.stop_signal.name}",
+                logging.WARNING,
+                program=self.name,
+                pid=run.pid,
+                reason=why,
+            )
+            await self._send_stop(run)
+            with anyio.move_on_after(self.kill_after):
+                await run.ended.wait()
+            if not run.ended.is_set():
+                await self._kill(run, "it was not live")
 
     # -- one incarnation ----------------------------------------------------------------
 
@@ -499,6 +595,8 @@ class Subprocess(Child):
                 await process.aclose()
             run.exit = self._exit_of(run, anyio.current_time())
             run.ended.set()
+            if run.live_scope is not None:
+                run.live_scope.cancel()
 
     async def _read(self, run: _Run, stream: ByteReceiveStream | None, name: str) -> None:
         if stream is None:
@@ -522,6 +620,9 @@ class Subprocess(Child):
         ready = self.ready
         if isinstance(ready, LineReady) and ready.stream in (None, stream) and ready.regex.search(line):
             run.line_seen.set()
+        live = self.live
+        if isinstance(live, LineReady) and live.stream in (None, stream) and live.regex.search(line):
+            run.live_lines += 1
 
     def _exit_of(self, run: _Run, now: float) -> ChildExit:
         code = run.process.returncode
@@ -545,7 +646,10 @@ class Subprocess(Child):
             reason = f"{how} at once ({now - run.started:.2f} s after its start)"
         else:
             reason = how
-        return ChildExit(self.name, run.pid, exit_code, signame, reason, expected=run.stopping)
+        if run.unhealthy is not None:
+            reason = f"not live ({run.unhealthy}): {reason}"
+        unhealthy = run.unhealthy is not None
+        return ChildExit(self.name, run.pid, exit_code, signame, reason, expected=run.stopping, unhealthy=unhealthy)
 
 
 def _last_output(run: _Run) -> str:
