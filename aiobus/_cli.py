@@ -30,6 +30,7 @@ import structlog
 
 from ._bus import Bus
 from ._channels import ChannelFailures
+from ._ctl import add_ctl_parser, run_ctl
 from ._exitcodes import ExitCode
 from ._logging import configure_logging
 from ._plugin import Plugin
@@ -148,9 +149,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="seconds each shutdown step may take before it is cut short (default: no limit)",
     )
+    run.add_argument(
+        "--control",
+        metavar="PATH",
+        help="serve a control socket at PATH (0600) for `aiobus ctl --socket PATH` (ControlSocket plugin)",
+    )
     from ._config.commands import add_file_arguments
 
     add_file_arguments(commands, run)
+    add_ctl_parser(commands, _Parser)
     return parser
 
 
@@ -185,7 +192,7 @@ def load_target(target: str) -> Callable[..., Any]:
 
 def make_plugins(bus: Bus, args: argparse.Namespace) -> list[Plugin]:
     """The plugins the flags and the environment ask for (not subscribed): SystemdNotifier (when
-    ``NOTIFY_SOCKET`` is set), PIDFile, DropPrivileges, Autoreloader.
+    ``NOTIFY_SOCKET`` is set), PIDFile, DropPrivileges, Autoreloader, ControlSocket.
 
     Raises:
         ValueError, TypeError, OSError, ImportError: a flag's value (or ``NOTIFY_SOCKET``) is
@@ -203,6 +210,13 @@ def make_plugins(bus: Bus, args: argparse.Namespace) -> list[Plugin]:
         plugins.append(DropPrivileges(bus, uid=args.user, gid=args.group, umask=args.umask))
     if args.reload:
         plugins.append(Autoreloader(bus, getattr(args, "watch", None)))  # a service file's files too
+    if getattr(args, "control", None) is not None:
+        from .plugins.control import ControlSocket
+
+        def set_level(level: int) -> None:
+            configure_logging(format=args.log_format, level=level)
+
+        plugins.append(ControlSocket(bus, args.control, set_level=set_level, level=_LEVELS[args.log_level]))
     return plugins
 
 
@@ -254,6 +268,8 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     """The ``aiobus`` console script (and ``python -m aiobus``): always ends with SystemExit."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "ctl":
+        raise SystemExit(run_ctl(args))
     _check_current_directory()
     spec = None
     if args.command == "check" or args.config is not None or args.procfile is not None:

@@ -5,6 +5,7 @@ Each is used as in CherryPy: construct it with the bus, then ``plugin.subscribe(
 """
 
 from .autoreload import Autoreloader as Autoreloader
+from .control import ControlSocket as ControlSocket
 from .monitor import Monitor as Monitor
 from .monitor import MonitorStatistics as MonitorStatistics
 from .pidfile import PIDFile as PIDFile
@@ -19,6 +20,7 @@ from .systemd import SystemdNotifier as SystemdNotifier
 
 __all__ = [
     "Autoreloader",
+    "ControlSocket",
     "DropPrivileges",
     "LineReady",
     "Monitor",
