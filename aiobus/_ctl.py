@@ -103,6 +103,9 @@ def add_ctl_parser(commands: Any, parser_class: type[argparse.ArgumentParser]) -
             sub.add_argument("level", metavar="LEVEL", choices=tuple(LEVELS), help=", ".join(LEVELS))
         elif command.name == "tail":
             sub.add_argument("name", metavar="NAME", nargs="?", help="only this child's events")
+            sub.add_argument(
+                "--level", choices=tuple(LEVELS), help="the lowest level streamed (default: the service's log level)"
+            )
         else:
             for arg in command.required:
                 sub.add_argument(arg, metavar=arg.upper(), help="the child (or pool)")

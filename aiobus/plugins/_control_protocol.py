@@ -68,7 +68,12 @@ COMMANDS: Final = {
         Command("graceful", help="publish graceful (programs get their reload_signal)"),
         Command("exit", help="exit the service; returns once the bus is EXITING"),
         Command("log-level", ("level",), help="change the level of the service's log"),
-        Command("tail", (), ("name",), help="stream log events (all, or one child's) until Ctrl-C"),
+        Command(
+            "tail",
+            (),
+            ("name", "level"),
+            help="stream log events (all, or one child's; at the log's level, or --level) until Ctrl-C",
+        ),
     )
 }
 

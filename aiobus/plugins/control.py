@@ -66,6 +66,7 @@ class _Tail:
     """A tail client: what it follows, and the buffer of events waiting for it."""
 
     name: str | None
+    level: int | None  # None: the log's level
     send: MemoryObjectSendStream[dict[str, Any]]
     receive: MemoryObjectReceiveStream[dict[str, Any]]
     scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
@@ -304,9 +305,12 @@ class ControlSocket(SimplePlugin):
             request_id = request.id
             if request.command.name == "tail":
                 tail = self._open_tail(request)
-                await _send(
-                    conn, ok_reply({"tail": request.args.get("name"), "level": _level_name(self.level)}, request_id)
-                )
+                level = self.level if tail.level is None else tail.level
+                try:
+                    await _send(conn, ok_reply({"tail": tail.name, "level": _level_name(level)}, request_id))
+                except BaseException:
+                    self._close_tail(tail)
+                    raise
                 return tail
             result = await self._do(request, uid)
         except RequestError as error:
@@ -331,7 +335,8 @@ class ControlSocket(SimplePlugin):
             try:
                 info = await steer(args["name"])
             except Exception as error:
-                raise RequestError(ErrorCode.FAILED, f"{name} {args['name']}: {error}") from None
+                reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+                raise RequestError(ErrorCode.FAILED, f"{name} {args['name']}: {reason}") from None
             return {"child": _child(info)}
         if name == "signal":
             sig = _signal(args["signal"])
@@ -355,11 +360,7 @@ class ControlSocket(SimplePlugin):
             await self.bus.wait(State.EXITING)
             return {"state": State.EXITING.name}
         if name == "log-level":
-            level = LEVELS.get(args["level"].lower())
-            if level is None:
-                raise RequestError(
-                    ErrorCode.BAD_ARGUMENT, f"unknown level {args['level']!r}; the levels are: {', '.join(LEVELS)}"
-                )
+            level = _level(args["level"])
             if self.set_level is None:
                 raise RequestError(ErrorCode.FAILED, "this service's log level cannot be changed (no set_level)")
             previous, self.level = self.level, level
@@ -393,17 +394,20 @@ class ControlSocket(SimplePlugin):
         name = request.args.get("name")
         if name is not None:
             self._find(name)
+        level = _level(request.args["level"]) if "level" in request.args else None
         send, receive = anyio.create_memory_object_stream[dict[str, Any]](TAIL_BUFFER)
-        tail = _Tail(name, send, receive)
+        tail = _Tail(name, level, send, receive)
         self._tails.add(tail)
         return tail
 
     def _on_log(self, msg: str, level: int, **fields: Any) -> None:
         """The ``log`` listener: hand the event to each tail client that wants it, without waiting."""
-        if not self._tails or level < self.level:
+        if not self._tails:
             return
         event: dict[str, Any] | None = None
         for tail in list(self._tails):
+            if level < (self.level if tail.level is None else tail.level):
+                continue
             if tail.name is not None and tail.name not in (fields.get("child"), fields.get("program")):
                 continue
             if event is None:
@@ -416,6 +420,11 @@ class ControlSocket(SimplePlugin):
                 tail.scope.cancel()  # its task logs the drop: a log listener must not log
             except (anyio.BrokenResourceError, anyio.ClosedResourceError):
                 self._tails.discard(tail)
+
+    def _close_tail(self, tail: _Tail) -> None:
+        self._tails.discard(tail)
+        tail.send.close()
+        tail.receive.close()
 
     async def _follow(self, conn: socket.socket, lines: _LineReader, tail: _Tail) -> None:
         """Send the tail's events until the client goes, or is cut for not reading."""
@@ -435,9 +444,7 @@ class ControlSocket(SimplePlugin):
         except TimeoutError:
             tail.dropped = True
         finally:
-            self._tails.discard(tail)
-            tail.send.close()
-            receive.close()
+            self._close_tail(tail)
         if tail.dropped:
             self.bus.log(
                 f"Control socket: a tail client did not keep up (over {TAIL_BUFFER} events behind, or no read "
@@ -543,6 +550,13 @@ def _signal(text: str) -> signal.Signals:
         )
     except (KeyError, ValueError):
         raise RequestError(ErrorCode.BAD_ARGUMENT, f"unknown signal {text!r} (such as HUP, SIGUSR1 or 10)") from None
+
+
+def _level(text: str) -> int:
+    level = LEVELS.get(text.lower())
+    if level is None:
+        raise RequestError(ErrorCode.BAD_ARGUMENT, f"unknown level {text!r}; the levels are: {', '.join(LEVELS)}")
+    return level
 
 
 def _level_name(level: int) -> str:
