@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -104,8 +105,11 @@ class Result:
         return json.loads(self.out)
 
 
-def start_service(spawn: Spawner, target: str, socket_path: Path, *flags: str, extra: str = "") -> Child:
-    """Write the service module, run ``aiobus run svc:TARGET --control PATH`` and wait until it is STARTED."""
+def start_service(
+    spawn: Spawner, target: str, socket_path: Path, *flags: str, extra: str = "", quiet: bool = False
+) -> Child:
+    """Write the service module, run ``aiobus run svc:TARGET --control PATH`` and wait until it is STARTED
+    (``quiet``: it does not log that, so ask its socket)."""
     (spawn.directory / "svc.py").write_text(textwrap.dedent(SERVICE) + textwrap.dedent(extra))
     child = spawn.run(
         [
@@ -121,8 +125,24 @@ def start_service(spawn: Spawner, target: str, socket_path: Path, *flags: str, e
             *flags,
         ]
     )
-    child.wait_for('"Bus STARTED"', timeout=WAIT)
+    if quiet:
+        wait_started(socket_path)
+    else:
+        child.wait_for('"Bus STARTED"', timeout=WAIT)
     return child
+
+
+def wait_started(socket_path: Path) -> None:
+    """Ask the socket for the bus's state every 0.1 s until it is STARTED (WAIT s at most)."""
+    deadline = time.monotonic() + WAIT
+    while True:
+        try:
+            if request(socket_path, {"v": 1, "cmd": "status"})["result"]["state"] == "STARTED":
+                return
+        except OSError:
+            pass  # not listening yet
+        assert time.monotonic() < deadline, f"{socket_path} did not say STARTED within {WAIT} s"
+        time.sleep(0.1)
 
 
 def ctl(socket_path: Path, *args: str, timeout: float = WAIT) -> Result:
@@ -147,7 +167,11 @@ def request(socket_path: Path, obj: Any) -> dict[str, Any]:
 def connect(socket_path: Path) -> socket.socket:
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     conn.settimeout(WAIT)
-    conn.connect(str(socket_path))
+    try:
+        conn.connect(str(socket_path))
+    except BaseException:
+        conn.close()
+        raise
     return conn
 
 
