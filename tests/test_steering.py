@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import sys
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
+import anyio
 import pytest
+from helpers import LogRecorder
 from operating import WAIT, children, ctl, exit_service, start_service
 from processes import Spawner
 
-from aiobus import Bus
+from aiobus import Bus, ChildState, Supervisor, log_to_structlog
 from aiobus.plugins import LineReady, Subprocess
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="Unix sockets and signals")
@@ -149,3 +156,106 @@ class TestArguments:
             Subprocess(bus, "p", argv, reload_signal=12345)
         with pytest.raises(TypeError, match="significant"):
             Subprocess(bus, "p", argv, significant="yes")  # type: ignore[arg-type]
+
+
+# argv: MODE. Prints "ready" and sleeps; mode "mute-later": a second run (a file "runs" in its
+# directory says which) prints "muted" instead.
+PROGRAM = """
+import os, sys, time
+runs = os.path.exists("runs")
+open("runs", "a").write("x")
+print("muted" if sys.argv[1] == "mute-later" and runs else "ready", flush=True)
+while True:
+    time.sleep(3600)
+"""
+
+
+@asynccontextmanager
+async def steered(tmp_path: Path, *children: tuple[str, str], **options: Any) -> AsyncIterator[tuple[Bus, Supervisor]]:
+    """A started bus with a supervisor of (name, mode) permanent programs, each in a folder of its own."""
+    async with Bus() as bus:
+        bus.unsubscribe("log", log_to_structlog)
+        supervisor = Supervisor(bus, **options)
+        supervisor.subscribe()
+        for name, mode in children:
+            folder = tmp_path / name
+            folder.mkdir()
+            argv = [sys.executable, "-c", PROGRAM, mode]
+            supervisor.add(Subprocess(bus, name, argv, cwd=folder, ready=LineReady("^ready"), kill_after=5))
+        await bus.start()
+        yield bus, supervisor
+
+
+async def wait_until(bus: Bus, condition: Callable[[], bool]) -> None:
+    """Check ``condition`` each time the bus logs something, until it holds (WAIT s at most)."""
+    changed = anyio.Event()
+
+    def logged(msg: str, level: int, **fields: Any) -> None:
+        changed.set()
+
+    bus.subscribe("log", logged)
+    try:
+        with anyio.fail_after(WAIT):
+            while not condition():
+                await changed.wait()
+                changed = anyio.Event()
+    finally:
+        bus.unsubscribe("log", logged)
+
+
+class TestSupervisorSteering:
+    async def test_unknown_names_and_a_bus_not_started_are_refused(self, tmp_path: Path) -> None:
+        """KeyError for a name no child has; RuntimeError once the bus has stopped."""
+        async with steered(tmp_path, ("a", "sleep")) as (bus, supervisor):
+            with pytest.raises(KeyError):
+                await supervisor.restart_child("nope")
+            await bus.stop()
+            with pytest.raises(RuntimeError, match="STOPPED"):
+                await supervisor.start_child("a")
+
+    async def test_restart_child_restarts_only_that_child_whatever_the_strategy(self, tmp_path: Path) -> None:
+        """one_for_all: restart_child("b") gives b a new pid, a and c keep theirs; intensity untouched."""
+        async with steered(tmp_path, ("a", "sleep"), ("b", "sleep"), ("c", "sleep"), strategy="one_for_all") as (
+            _,
+            supervisor,
+        ):
+            before = {info.name: info.pid for info in supervisor.children()}
+            info = await supervisor.restart_child("b")
+            after = {info.name: info.pid for info in supervisor.children()}
+            assert (ChildState.RUNNING, 1) == (info.state, info.restarts)
+        assert before["b"] != after["b"]
+        assert (before["a"], before["c"]) == (after["a"], after["c"])
+
+    async def test_a_stopped_child_is_left_alone_by_the_strategy(self, tmp_path: Path) -> None:
+        """one_for_all: b stopped by stop_child stays stopped when a is killed and restarted."""
+        async with steered(tmp_path, ("a", "sleep"), ("b", "sleep"), strategy="one_for_all") as (bus, supervisor):
+            stopped = await supervisor.stop_child("b")
+            assert (ChildState.STOPPED, None) == (stopped.state, stopped.pid)
+            assert supervisor["b"].last_exit is not None and supervisor["b"].last_exit.expected
+            os.kill(supervisor["a"].pid or 0, signal.SIGKILL)
+            await wait_until(bus, lambda: supervisor["a"].restarts == 1 and supervisor["a"].state is ChildState.RUNNING)
+            assert ChildState.STOPPED == supervisor["b"].state
+            started = await supervisor.start_child("b")
+            assert ChildState.RUNNING == started.state
+
+    async def test_the_bus_stop_cancels_a_start_under_way(self, tmp_path: Path) -> None:
+        """A restart_child waiting for a program that never gets ready: the bus's exit makes it fail at once."""
+        async with steered(tmp_path, ("a", "mute-later")) as (bus, supervisor):
+            muted = LogRecorder()
+            bus.subscribe("log", muted)
+            failure: list[BaseException] = []
+
+            async def restart() -> None:
+                try:
+                    await supervisor.restart_child("a")
+                except RuntimeError as error:
+                    failure.append(error)
+
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(restart)
+                await wait_until(
+                    bus, lambda: supervisor["a"].state is ChildState.STARTING and bool(muted.matching("muted"))
+                )
+                await bus.exit()
+            assert ["the bus's stop began while child 'a' was being steered"] == [str(error) for error in failure]
+            assert ChildState.STOPPED == supervisor["a"].state
