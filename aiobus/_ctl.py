@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import socket
+import struct
 import sys
 import time
 from collections.abc import Callable
@@ -138,11 +141,11 @@ def run_ctl(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | N
                 conn.settimeout(None)
                 return _tail(reader, path, out, err, as_json)
             if not as_json:
-                out.write(FORMATS[command.name](reply["result"]))
+                out.write(printable(FORMATS[command.name](reply["result"])))
             out.flush()
             return EX_OK
     except CtlError as error:
-        err.write(f"aiobus ctl: {error}\n")
+        err.write(printable(f"aiobus ctl: {error}") + "\n")
         return error.code
     except KeyboardInterrupt:
         err.write("aiobus ctl: interrupted\n")
@@ -163,6 +166,11 @@ def _connect(path: str, timeout: float) -> socket.socket:
     except OSError as error:
         conn.close()
         raise CtlError(f"cannot connect to {path}: {error.strerror or error}") from None
+    _, uid, _ = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+    me = os.geteuid()
+    if me != 0 and uid not in (0, me):
+        conn.close()
+        raise CtlError(f"the socket at {path} is served by uid {uid}, neither this user ({me}) nor root: not trusted")
     return conn
 
 
@@ -195,13 +203,21 @@ def _tail(reader: Any, path: str, out: TextIO, err: TextIO, as_json: bool) -> in
             event = message.get("event")
             if not isinstance(event, dict):
                 continue
-            out.write(json.dumps(event) + "\n" if as_json else _event_line(event))
+            out.write(json.dumps(event) + "\n" if as_json else printable(_event_line(event)))
             out.flush()
     except KeyboardInterrupt:
         return EX_OK
 
 
 # -- output for people ----------------------------------------------------------------
+
+_CONTROLS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters (terminal escapes among them) shown as ``\\x1b``: what the
+    service sends may come from its programs' output, and is not to steer the terminal."""
+    return _CONTROLS.sub(lambda match: f"\\x{ord(match.group()):02x}", text)
 
 
 def duration(seconds: float | None) -> str:

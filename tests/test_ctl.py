@@ -12,6 +12,8 @@ import pytest
 from operating import WAIT, children, ctl, exit_service, start_service
 from processes import Spawner
 
+from aiobus._ctl import duration, printable, table
+
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="Unix sockets, SO_PEERCRED, signals")
 
 
@@ -241,3 +243,28 @@ class TestFailures:
         assert "start web: program 'web' could not run '/nonexistent/program'" in result.err
         assert "stopped" == children(sock)["web"]["state"]
         assert 0 == exit_service(service, sock)
+
+
+class TestOutputForPeople:
+    def test_control_characters_are_shown_not_obeyed(self) -> None:
+        """A terminal escape in what the service sends is printed as text; tabs and newlines stay."""
+        assert "a\\x1b[31mred\tb\nc\\x9b" == printable("a\x1b[31mred\tb\nc\x9b")
+
+    @pytest.mark.parametrize(
+        ("seconds", "text"),
+        [
+            (None, "-"),
+            (0.4, "0s"),
+            (59.9, "59s"),
+            (65, "1m 05s"),
+            (3 * 3600 + 120, "3h 02m"),
+            (2 * 86400 + 7200, "2d 02h"),
+        ],
+    )
+    def test_durations_read_at_a_glance(self, seconds: float | None, text: str) -> None:
+        """Uptimes: seconds, then minutes, hours, days, with the unit below."""
+        assert text == duration(seconds)
+
+    def test_a_table_aligns_its_columns(self) -> None:
+        """Each column as wide as its widest cell, two spaces apart, no trailing blanks."""
+        assert "A    BB\nccc  d\n" == table([["A", "BB"], ["ccc", "d"]])
