@@ -316,6 +316,11 @@ class ControlSocket(SimplePlugin):
         except RequestError as error:
             await _send(conn, error_reply(error, request_id))
             return None
+        except Exception as error:  # a bug here must not end the service: the client hears of it
+            self.bus.log("Control socket: a request failed", logging.ERROR, traceback=True)
+            failure = RequestError(ErrorCode.FAILED, f"the request failed: {type(error).__name__}: {error}")
+            await _send(conn, error_reply(failure, request_id))
+            return None
         await _send(conn, ok_reply(result, request_id))
         return None
 
@@ -497,7 +502,11 @@ async def _send(conn: socket.socket, obj: dict[str, Any]) -> None:
         TimeoutError: the client took none of it for SEND_TIMEOUT seconds.
         OSError: the client went away.
     """
-    data = memoryview(json.dumps(obj, default=str, ensure_ascii=False).encode("utf-8", "replace") + b"\n")
+    try:
+        text = json.dumps(obj, default=str, ensure_ascii=False)
+    except (ValueError, TypeError, RecursionError):  # a log field that refers to itself, say
+        text = json.dumps(_plain(obj), ensure_ascii=False)
+    data = memoryview(text.encode("utf-8", "replace") + b"\n")
     while data:
         try:
             sent = conn.send(data)
@@ -506,6 +515,17 @@ async def _send(conn: socket.socket, obj: dict[str, Any]) -> None:
                 await anyio.wait_writable(conn)
             continue
         data = data[sent:]
+
+
+def _plain(value: Any, depth: int = 0) -> Any:
+    """``value`` with what JSON cannot say (cycles, odd keys, depth past 20) turned into text."""
+    if isinstance(value, str | int | float | bool) or value is None:
+        return value
+    if depth < 20 and isinstance(value, dict):
+        return {str(key): _plain(item, depth + 1) for key, item in value.items()}
+    if depth < 20 and isinstance(value, list | tuple):
+        return [_plain(item, depth + 1) for item in value]
+    return str(value)[:1000]
 
 
 def _supervisors(bus: Bus) -> list[Supervisor]:

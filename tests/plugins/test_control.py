@@ -12,10 +12,13 @@ import textwrap
 import time
 from pathlib import Path
 
+import anyio
+import anyio.streams.buffered
 import pytest
 from operating import WAIT, connect, ctl, exit_service, read_reply, request, start_service
 from processes import Spawner
 
+from aiobus import Bus, State, log_to_structlog
 from aiobus.plugins import ControlSocket
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="Unix sockets and SO_PEERCRED")
@@ -88,8 +91,6 @@ class TestTheSocket:
 
     def test_the_constructor_refuses_a_path_too_long(self) -> None:
         """ControlSocket(bus, path) checks the path's length before anything runs."""
-        from aiobus import Bus
-
         with pytest.raises(ValueError, match="longer than 107 bytes"):
             ControlSocket(Bus(), "/" + "x" * 107)
 
@@ -233,3 +234,28 @@ def test_exit_reply_arrives_before_the_socket_closes(spawn: Spawner, sock: Path)
             pass
     assert 0 == service.wait(WAIT)
     service.assert_nothing_left()
+
+
+class TestInProcess:
+    async def test_a_log_field_json_cannot_say_reaches_tail_as_text(self, tmp_path: Path) -> None:
+        """A field that refers to itself, and an object: the tail event carries them as text; the bus goes on."""
+        path = tmp_path / "ctl.sock"
+        async with Bus() as bus:
+            bus.unsubscribe("log", log_to_structlog)
+            ControlSocket(bus, path).subscribe()
+            await bus.start()
+            async with await anyio.connect_unix(path) as stream:
+                lines = anyio.streams.buffered.BufferedByteReceiveStream(stream)
+                await stream.send(b'{"v": 1, "cmd": "tail"}\n')
+                assert json.loads(await lines.receive_until(b"\n", 2**16))["ok"]
+                cyclic: dict[str, object] = {}
+                cyclic["self"] = cyclic
+                bus.log("odd", cyclic=cyclic, thing=Path("/x"))
+                with anyio.fail_after(WAIT):
+                    event = json.loads(await lines.receive_until(b"\n", 2**20))["event"]
+            assert "odd" == event["message"]
+            assert "/x" == event["fields"]["thing"]
+            assert "{'self': {...}}" in json.dumps(event["fields"]["cyclic"])
+            assert State.STARTED == bus.state
+            await bus.exit()
+        assert not path.exists()
