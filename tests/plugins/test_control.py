@@ -239,23 +239,31 @@ def test_exit_reply_arrives_before_the_socket_closes(spawn: Spawner, sock: Path)
 class TestInProcess:
     async def test_a_log_field_json_cannot_say_reaches_tail_as_text(self, tmp_path: Path) -> None:
         """A field that refers to itself, and an object: the tail event carries them as text; the bus goes on."""
-        path = tmp_path / "ctl.sock"
-        async with Bus() as bus:
-            bus.unsubscribe("log", log_to_structlog)
-            ControlSocket(bus, path).subscribe()
-            await bus.start()
-            async with await anyio.connect_unix(path) as stream:
-                lines = anyio.streams.buffered.BufferedByteReceiveStream(stream)
-                await stream.send(b'{"v": 1, "cmd": "tail"}\n')
-                assert json.loads(await lines.receive_until(b"\n", 2**16))["ok"]
-                cyclic: dict[str, object] = {}
-                cyclic["self"] = cyclic
-                bus.log("odd", cyclic=cyclic, thing=Path("/x"))
-                with anyio.fail_after(WAIT):
-                    event = json.loads(await lines.receive_until(b"\n", 2**20))["event"]
-            assert "odd" == event["message"]
-            assert "/x" == event["fields"]["thing"]
-            assert "{'self': {...}}" in json.dumps(event["fields"]["cyclic"])
-            assert State.STARTED == bus.state
-            await bus.exit()
-        assert not path.exists()
+        await tail_odd_fields(tmp_path / "ctl.sock")
+
+    def test_the_socket_serves_on_trio(self, tmp_path: Path) -> None:
+        """The same, on the trio backend."""
+        anyio.run(tail_odd_fields, tmp_path / "ctl.sock", backend="trio")
+
+
+async def tail_odd_fields(path: Path) -> None:
+    """Tail over a raw connection, log an event with odd fields, and check what arrives."""
+    async with Bus() as bus:
+        bus.unsubscribe("log", log_to_structlog)
+        ControlSocket(bus, path).subscribe()
+        await bus.start()
+        async with await anyio.connect_unix(path) as stream:
+            lines = anyio.streams.buffered.BufferedByteReceiveStream(stream)
+            await stream.send(b'{"v": 1, "cmd": "tail"}\n')
+            assert json.loads(await lines.receive_until(b"\n", 2**16))["ok"]
+            cyclic: dict[str, object] = {}
+            cyclic["self"] = cyclic
+            bus.log("odd", cyclic=cyclic, thing=Path("/x"))
+            with anyio.fail_after(WAIT):
+                event = json.loads(await lines.receive_until(b"\n", 2**20))["event"]
+        assert "odd" == event["message"]
+        assert "/x" == event["fields"]["thing"]
+        assert "{'self': {...}}" in json.dumps(event["fields"]["cyclic"])
+        assert State.STARTED == bus.state
+        await bus.exit()
+    assert not await anyio.Path(path).exists()
