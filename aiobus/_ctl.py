@@ -150,6 +150,19 @@ def run_ctl(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | N
     except KeyboardInterrupt:
         err.write("aiobus ctl: interrupted\n")
         return EX_INTERRUPTED
+    except BrokenPipeError:  # the reader of our output went away (`aiobus ctl tail | head`)
+        _quiet(out)
+        return EX_OK if command.name == "tail" else EX_FAILED
+
+
+def _quiet(out: TextIO) -> None:
+    """Point ``out``'s descriptor at /dev/null, so that flushing it at exit raises nothing more."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, out.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
 
 
 def _connect(path: str, timeout: float) -> socket.socket:

@@ -268,3 +268,22 @@ class TestOutputForPeople:
     def test_a_table_aligns_its_columns(self) -> None:
         """Each column as wide as its widest cell, two spaces apart, no trailing blanks."""
         assert "A    BB\nccc  d\n" == table([["A", "BB"], ["ccc", "d"]])
+
+
+def test_tail_into_a_pipe_that_closes_ends_quietly(spawn: Spawner, tmp_path: Path) -> None:
+    """aiobus ctl tail | head -3: three lines, then tail ends with code 0 and no traceback."""
+    sock = tmp_path / "run" / "ctl.sock"
+    service = start_service(spawn, "chatty", sock)
+    tail = subprocess.Popen(
+        [sys.executable, "-m", "aiobus", "ctl", "--socket", str(sock), "tail", "chatty"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert tail.stdout is not None and tail.stderr is not None
+    with tail:
+        lines = [tail.stdout.readline() for _ in range(3)]
+        tail.stdout.close()  # as head does once it has its lines
+        assert 0 == tail.wait(WAIT)
+        assert b"" == tail.stderr.read()
+    assert all(b"chat " in line for line in lines)
+    assert 0 == exit_service(service, sock)
