@@ -284,9 +284,16 @@ def _status(result: dict[str, Any]) -> str:
 
 
 def _child_line(result: dict[str, Any]) -> str:
-    child = result["child"]
-    pid = "" if child.get("pid") is None else f", pid {child['pid']}"
-    return f"{child['name']}: {child['state']}{pid}\n"
+    """``web: running, pid 4301``: a line for the child, or for each member of the pool."""
+    lines = []
+    for child in result["children"] if "children" in result else [result["child"]]:
+        pid = "" if child.get("pid") is None else f", pid {child['pid']}"
+        lines.append(f"{child['name']}: {child['state']}{pid}\n")
+    return "".join(lines)
+
+
+def _pids(pid: Any) -> str:
+    return ", ".join(map(str, pid)) if isinstance(pid, list) else str(pid)
 
 
 def _event_line(event: dict[str, Any]) -> str:
@@ -308,7 +315,7 @@ FORMATS: Final[dict[str, Callable[[dict[str, Any]], str]]] = {
     "start": _child_line,
     "stop": _child_line,
     "restart": _child_line,
-    "signal": lambda result: f"{result['signal']} sent to {result['name']} (pid {result['pid']})\n",
+    "signal": lambda result: f"{result['signal']} sent to {result['name']} (pid {_pids(result['pid'])})\n",
     "graceful": lambda result: "Graceful published.\n",
     "exit": lambda result: f"The service is {result['state']}.\n",
     "log-level": lambda result: f"Log level: {result['level']} (was {result['previous']}).\n",

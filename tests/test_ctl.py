@@ -287,3 +287,27 @@ def test_tail_into_a_pipe_that_closes_ends_quietly(spawn: Spawner, tmp_path: Pat
         assert b"" == tail.stderr.read()
     assert all(b"chat " in line for line in lines)
     assert 0 == exit_service(service, sock)
+
+
+def test_a_pool_is_restarted_one_member_after_another(spawn: Spawner, tmp_path: Path) -> None:
+    """restart web, a program with 2 instances: each member gets a new pid; stop web stops both."""
+    sock = tmp_path / "run" / "ctl.sock"
+    service = start_service(
+        spawn,
+        "pool",
+        sock,
+        extra="""
+        def pool(bus):
+            program(bus, "web", RELOADABLE, instances=2)
+        """,
+    )
+    before = children(sock)
+    assert ["web[0]", "web[1]"] == sorted(before)
+    result = ctl(sock, "restart", "web")
+    assert 0 == result.code, result.err
+    after = children(sock)
+    assert [f"web[{n}]: running, pid {after[f'web[{n}]']['pid']}" for n in (0, 1)] == result.out.splitlines()
+    assert all(before[name]["pid"] != after[name]["pid"] for name in before)
+    stopped = ctl(sock, "stop", "web")
+    assert (0, ["web[0]: stopped", "web[1]: stopped"]) == (stopped.code, stopped.out.splitlines()), stopped.err
+    assert 0 == exit_service(service, sock)

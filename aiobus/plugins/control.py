@@ -331,28 +331,30 @@ class ControlSocket(SimplePlugin):
             return self._status()
         self.bus.log(f"Control: {name} {' '.join(args.values())}".rstrip(), command=name, args=args, peer_uid=uid)
         if name in ("start", "stop", "restart"):
-            supervisor, _ = self._find(args["name"])
-            steer = {
-                "start": supervisor.start_child,
-                "stop": supervisor.stop_child,
-                "restart": supervisor.restart_child,
-            }[name]
+            supervisor, members = self._find(args["name"])
+            if self.bus.state is not State.STARTED:
+                raise RequestError(ErrorCode.FAILED, f"{name} {args['name']}: the bus is {self.bus.state.name}")
             try:
-                info = await steer(args["name"])
+                infos = await _steer(supervisor, name, members)
             except Exception as error:
                 reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
                 raise RequestError(ErrorCode.FAILED, f"{name} {args['name']}: {reason}") from None
-            return {"child": _child(info)}
+            if len(members) == 1 and members[0].name == args["name"]:
+                return {"child": _child(infos[0])}
+            return {"pool": args["name"], "children": [_child(info) for info in infos]}
         if name == "signal":
             sig = _signal(args["signal"])
-            _, child = self._find(args["name"])
-            try:
-                child.send_signal(sig)
-            except ProcessLookupError:
-                raise RequestError(ErrorCode.FAILED, f"child {child.name!r} is not running") from None
-            except OSError as error:
-                raise RequestError(ErrorCode.FAILED, f"{sig.name} to {child.name!r}: {error}") from None
-            return {"name": child.name, "pid": child.pid, "signal": sig.name}
+            _, members = self._find(args["name"])
+            pids = []
+            for child in members:
+                try:
+                    child.send_signal(sig)
+                except ProcessLookupError:
+                    raise RequestError(ErrorCode.FAILED, f"child {child.name!r} is not running") from None
+                except OSError as error:
+                    raise RequestError(ErrorCode.FAILED, f"{sig.name} to {child.name!r}: {error}") from None
+                pids.append(child.pid)
+            return {"name": args["name"], "pid": pids[0] if len(pids) == 1 else pids, "signal": sig.name}
         if name == "graceful":
             try:
                 await self.bus.graceful()
@@ -382,13 +384,21 @@ class ControlSocket(SimplePlugin):
             "children": [_child(info) for supervisor in _supervisors(self.bus) for info in supervisor.children()],
         }
 
-    def _find(self, name: str) -> tuple[Supervisor, Child]:
+    def _find(self, name: str) -> tuple[Supervisor, list[Child]]:
+        """The child named ``name``, or the members of the pool named so (a ChildBroker with workers, a
+        Subprocess with instances), and their supervisor."""
         known: list[str] = []
         for supervisor in _supervisors(self.bus):
-            try:
-                return supervisor, supervisor[name]
-            except KeyError:
-                known += [info.name for info in supervisor.children()]
+            children = [supervisor[info.name] for info in supervisor.children()]
+            for child in children:
+                if child.name == name:
+                    return supervisor, [child]
+            members = [child for child in children if getattr(child.batch, "name", None) == name]
+            if members:
+                return supervisor, members
+            for child in children:
+                pool = getattr(child.batch, "name", None)
+                known += [child.name] if pool is None or pool in known else [pool, child.name]
         raise RequestError(
             ErrorCode.UNKNOWN_CHILD, f"no child named {name!r}; the children are: {', '.join(known) or 'none'}"
         )
@@ -413,7 +423,7 @@ class ControlSocket(SimplePlugin):
         for tail in list(self._tails):
             if level < (self.level if tail.level is None else tail.level):
                 continue
-            if tail.name is not None and tail.name not in (fields.get("child"), fields.get("program")):
+            if tail.name is not None and not _about(tail.name, fields):
                 continue
             if event is None:
                 event = {"time": time.time(), "level": _level_name(level), "message": msg, "fields": fields}
@@ -515,6 +525,38 @@ async def _send(conn: socket.socket, obj: dict[str, Any]) -> None:
                 await anyio.wait_writable(conn)
             continue
         data = data[sent:]
+
+
+async def _steer(supervisor: Supervisor, command: str, members: list[Child]) -> list[ChildInfo]:
+    """start, stop or restart a child, or a pool's members: started and stopped together, restarted
+    one after another (each running again before the next stops), so that a pool keeps serving."""
+    if command == "restart" or len(members) == 1:
+        act = {"start": supervisor.start_child, "stop": supervisor.stop_child, "restart": supervisor.restart_child}
+        return [await act[command](child) for child in members]
+    infos: dict[str, ChildInfo] = {}
+    failures: list[Exception] = []
+
+    async def one(child: Child) -> None:
+        try:
+            infos[child.name] = await (supervisor.start_child if command == "start" else supervisor.stop_child)(child)
+        except Exception as error:
+            failures.append(error)
+
+    async with anyio.create_task_group() as group:
+        for child in members:
+            group.start_soon(one, child)
+    if failures:
+        raise failures[0]
+    return [infos[child.name] for child in members]
+
+
+def _about(name: str, fields: dict[str, Any]) -> bool:
+    """Whether a log event is about the child (or the pool's member) named ``name``."""
+    for key in ("child", "program"):
+        value = fields.get(key)
+        if isinstance(value, str) and (value == name or value.startswith(name + "[")):
+            return True
+    return False
 
 
 def _plain(value: Any, depth: int = 0) -> Any:
