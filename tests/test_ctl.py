@@ -6,6 +6,7 @@ import json
 import signal
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -311,3 +312,45 @@ def test_a_pool_is_restarted_one_member_after_another(spawn: Spawner, tmp_path: 
     stopped = ctl(sock, "stop", "web")
     assert (0, ["web[0]: stopped", "web[1]: stopped"]) == (stopped.code, stopped.out.splitlines()), stopped.err
     assert 0 == exit_service(service, sock)
+
+
+def test_a_service_file_serves_a_control_socket_and_sends_reload_signals(spawn: Spawner, tmp_path: Path) -> None:
+    """control_socket (relative to the file), reload_signal and significant from aiobus.toml: ctl graceful
+    reaches the program, and the significant program's end ends the service with code 0."""
+    (tmp_path / "aiobus.toml").write_text(
+        textwrap.dedent(
+            f"""
+            [service]
+            control_socket = "run/ctl.sock"
+            log_format = "json"
+
+            [programs.web]
+            argv = [{json.dumps(sys.executable)}, "-c", {json.dumps(RELOAD_THEN_END)}]
+            ready = {{ line = "^up$" }}
+            reload_signal = "SIGHUP"
+            restart = "transient"
+            significant = true
+            """
+        )
+    )
+    sock = tmp_path / "run" / "ctl.sock"
+    service = spawn.run([sys.executable, "-m", "aiobus", "run", "--config", str(tmp_path / "aiobus.toml")])
+    service.wait_for('"Bus STARTED"', timeout=WAIT)
+    assert 0 == ctl(sock, "graceful").code
+    service.wait_for('"reloaded"', timeout=WAIT)
+    assert 0 == service.wait(WAIT), service.output
+    assert "Significant child web ended for good" in service.output
+    service.assert_nothing_left()
+
+
+# Says "up"; on SIGHUP says "reloaded" and exits 0.
+RELOAD_THEN_END = """
+import signal, sys, time
+def reload(*args):
+    print("reloaded", flush=True)
+    sys.exit(0)
+signal.signal(signal.SIGHUP, reload)
+print("up", flush=True)
+while True:
+    time.sleep(1)
+"""

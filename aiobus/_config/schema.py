@@ -185,6 +185,7 @@ def non_empty(value: str) -> str:
     return value
 
 
+SIGNIFICANT = "when it ends for good, the service exits: code 0 if it ended cleanly, 70 otherwise"
 RESTARTS = tuple(restart.value for restart in Restart)
 STRATEGIES = tuple(strategy.value for strategy in Strategy)
 LEVELS = ("debug", "info", "warning", "error")
@@ -244,7 +245,14 @@ SERVICE = Section(
         Key(
             "log_level", STRING, '`"debug"`, `"info"`, `"warning"` or `"error"`', '"info"', "log_level", choice(*LEVELS)
         ),
-        Key("control_socket", STRING, "a control socket", pending="control sockets have not landed"),
+        Key(
+            "control_socket",
+            STRING,
+            "serve a control socket there, for `aiobus ctl --socket PATH` (`ControlSocket`)",
+            "",
+            "control",
+            non_empty,
+        ),
     ),
 )
 
@@ -305,9 +313,16 @@ PROGRAM = Section(
             positive,
         ),
         Key("base_port", INTEGER, "with `instances`: `{port}` is this plus the copy's index", "", convert=port),
-        Key("liveness", TABLE, "a liveness check", pending="liveness checks have not landed"),
-        Key("reload_signal", STRING, "the signal sent on graceful", pending="reload signals have not landed"),
-        Key("significant", BOOLEAN, "its end ends the service", pending="significant children have not landed"),
+        Key("liveness", TABLE, "a liveness check", pending="liveness checks are not read from a file yet"),
+        Key(
+            "reload_signal",
+            STRING,
+            'sent to its process group on graceful, such as `"SIGHUP"`: a reload instead of a restart',
+            "none",
+            "reload_signal",
+            signal_number,
+        ),
+        Key("significant", BOOLEAN, SIGNIFICANT, "false", "significant"),
     ),
 )
 
@@ -359,7 +374,7 @@ BROKER = Section(
             "workers",
             positive,
         ),
-        Key("significant", BOOLEAN, "its end ends the service", pending="significant children have not landed"),
+        Key("significant", BOOLEAN, SIGNIFICANT, "false", "significant"),
     ),
 )
 

@@ -167,8 +167,9 @@ def check_service(data: Mapping[str, Any], path: str, environ: Mapping[str, str]
     spec = ServiceSpec(path, setup=top.get("setup"), files=[os.path.abspath(path)])
     service = checker.table(top.get("service", {}), SERVICE, "[service]")
     spec.settings = _kwargs(service, SERVICE)
-    if "pidfile" in spec.settings:
-        spec.settings["pidfile"] = checker.resolve(spec.settings["pidfile"])
+    for setting in ("pidfile", "control"):
+        if setting in spec.settings:
+            spec.settings[setting] = checker.resolve(spec.settings[setting])
     for name, table in checker.named_tables(top, "programs").items():
         spec.children.append(_program(checker, name, table, environ, spec.files))
     for name, table in checker.named_tables(top, "brokers").items():

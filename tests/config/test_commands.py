@@ -192,8 +192,8 @@ BAD_FILES = {
         "app.env:2: expected KEY=VALUE (no '=' on the line) (the env_file of [programs.web])",
     ),
     "a key not supported yet": (
-        "[brokers.jobs]\ntarget = 'jobs:worker'\nsignificant = true\n",
-        "svc.toml: [brokers.jobs] significant: not supported yet (significant children have not landed)",
+        "[programs.web]\ncommand = 'x'\nliveness = { port = 8000 }\n",
+        "svc.toml: [programs.web] liveness: not supported yet (liveness checks are not read from a file yet)",
     ),
     "a target that is missing": (
         "[brokers.jobs]\ntarget = 'no_such_module:worker'\n",
