@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Final, TextIO
 
-from .plugins._control_protocol import COMMANDS, LEVELS, MAX_REQUEST, VERSION
+from .plugins._control_protocol import COMMANDS, LEVELS, MAX_REQUEST, VERSION, RequestError, parse_signal
 
 EX_OK: Final = 0
 EX_FAILED: Final = 1
@@ -59,16 +59,10 @@ def _timeout(text: str) -> float:
 
 
 def _signal_arg(text: str) -> str:
-    import signal
-
-    name = text.upper()
     try:
-        if name.isdigit():
-            signal.Signals(int(name))
-        else:
-            signal.Signals[name if name.startswith("SIG") else "SIG" + name]
-    except (KeyError, ValueError):
-        raise argparse.ArgumentTypeError(f"unknown signal {text!r} (such as HUP, SIGUSR1 or 10)") from None
+        parse_signal(text)
+    except RequestError as error:
+        raise argparse.ArgumentTypeError(error.message) from None
     return text
 
 

@@ -75,7 +75,7 @@ def liveness(bus):
         [sys.executable, "-c", SERVES],
         ready=PortReady(PORT),
         live=PortReady(PORT),
-        live_interval=0.3,
+        live_interval=1.0,
         live_failures=2,
     ).subscribe()
 """
@@ -126,7 +126,7 @@ class TestSignificant:
 
 class TestLiveness:
     def test_a_program_whose_port_stops_answering_is_restarted(self, spawn: Spawner, sock: Path) -> None:
-        """Its port stops answering: after 2 failed checks it is stopped, restarted, and its exit says why."""
+        """Its port stops answering: after 2 failed checks in a row it is stopped, restarted, and its exit says why."""
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             port = probe.getsockname()[1]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import signal
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -145,3 +146,34 @@ def parse_request(obj: object) -> Request:
         if not isinstance(value, str) or not value:
             raise RequestError(ErrorCode.BAD_ARGUMENT, f"argument {key!r} must be a non-empty string, not {value!r}")
     return Request(command, dict(args), obj.get("id"))
+
+
+def parse_signal(text: str) -> signal.Signals:
+    """``HUP``, ``SIGHUP``, ``hup`` or ``1``: the signal.
+
+    Raises:
+        RequestError: no such signal.
+    """
+    name = text.upper()
+    try:
+        return (
+            signal.Signals(int(name))
+            if name.isdigit()
+            else signal.Signals[name if name.startswith("SIG") else "SIG" + name]
+        )
+    except (KeyError, ValueError):
+        raise RequestError(ErrorCode.BAD_ARGUMENT, f"unknown signal {text!r} (such as HUP, SIGUSR1 or 10)") from None
+
+
+def parse_level(text: str) -> int:
+    level = LEVELS.get(text.lower())
+    if level is None:
+        raise RequestError(ErrorCode.BAD_ARGUMENT, f"unknown level {text!r}; the levels are: {', '.join(LEVELS)}")
+    return level
+
+
+def level_name(level: int) -> str:
+    for name, number in LEVELS.items():
+        if number == level:
+            return name
+    return str(level)

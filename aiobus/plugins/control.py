@@ -19,10 +19,8 @@ import errno
 import json
 import logging
 import os
-import signal
 import socket
 import stat
-import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,21 +32,22 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from aiobus import Bus, Child, ChildInfo, Priority, SimplePlugin, State, Supervisor
 
 from ._control_protocol import (
-    LEVELS,
     MAX_REQUEST,
     VERSION,
     ErrorCode,
     Request,
     RequestError,
     error_reply,
+    level_name,
     ok_reply,
+    parse_level,
     parse_request,
+    parse_signal,
 )
+from ._control_wire import SEND_TIMEOUT, TOO_LARGE, LineReader, peer, send
 
 __all__ = ["ControlSocket"]
 
-#: Seconds a client has to take a reply (or a tail event) before its connection is cut.
-SEND_TIMEOUT: Final = 10.0
 #: Log events that may wait for a tail client before it is cut.
 TAIL_BUFFER: Final = 1000
 #: Clients served at once; one more gets an error reply.
@@ -57,8 +56,6 @@ MAX_CLIENTS: Final = 256
 EXIT_GRACE: Final = 2.0
 #: The longest path a Unix socket may have, in bytes (Linux: 108, with the final NUL).
 MAX_PATH: Final = 107
-_PEERCRED = struct.Struct("3i")  # pid, uid, gid
-_TOO_LARGE = object()
 
 
 @dataclass(eq=False)
@@ -244,7 +241,7 @@ class ControlSocket(SimplePlugin):
         pid = uid = -1
         try:
             with scope:
-                pid, uid, _ = _PEERCRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
+                pid, uid = peer(conn)
                 if uid not in (0, os.geteuid()):
                     self.bus.log(
                         f"Control socket: refused a client of uid {uid} (pid {pid}): only uid {os.geteuid()} "
@@ -254,22 +251,22 @@ class ControlSocket(SimplePlugin):
                         peer_pid=pid,
                     )
                     refusal = RequestError(ErrorCode.REFUSED, f"uid {uid} may not steer this service")
-                    await _send(conn, error_reply(refusal))
+                    await send(conn, error_reply(refusal))
                     return
                 if len(self._clients) > MAX_CLIENTS:
                     refusal = RequestError(ErrorCode.REFUSED, f"too many clients (at most {MAX_CLIENTS} at once)")
-                    await _send(conn, error_reply(refusal))
+                    await send(conn, error_reply(refusal))
                     return
-                lines = _LineReader(conn)
+                lines = LineReader(conn)
                 while True:
                     line = await lines.next()
                     if line is None:
                         return
                     self._clients[scope] += 1
                     try:
-                        if line is _TOO_LARGE:
+                        if line is TOO_LARGE:
                             too_large = RequestError(ErrorCode.TOO_LARGE, f"a request is at most {MAX_REQUEST} bytes")
-                            await _send(conn, error_reply(too_large))
+                            await send(conn, error_reply(too_large))
                             continue
                         assert isinstance(line, bytes)
                         tail = await self._request(conn, line, uid)
@@ -307,21 +304,21 @@ class ControlSocket(SimplePlugin):
                 tail = self._open_tail(request)
                 level = self.level if tail.level is None else tail.level
                 try:
-                    await _send(conn, ok_reply({"tail": tail.name, "level": _level_name(level)}, request_id))
+                    await send(conn, ok_reply({"tail": tail.name, "level": level_name(level)}, request_id))
                 except BaseException:
                     self._close_tail(tail)
                     raise
                 return tail
             result = await self._do(request, uid)
         except RequestError as error:
-            await _send(conn, error_reply(error, request_id))
+            await send(conn, error_reply(error, request_id))
             return None
         except Exception as error:  # a bug here must not end the service: the client hears of it
             self.bus.log("Control socket: a request failed", logging.ERROR, traceback=True)
             failure = RequestError(ErrorCode.FAILED, f"the request failed: {type(error).__name__}: {error}")
-            await _send(conn, error_reply(failure, request_id))
+            await send(conn, error_reply(failure, request_id))
             return None
-        await _send(conn, ok_reply(result, request_id))
+        await send(conn, ok_reply(result, request_id))
         return None
 
     async def _do(self, request: Request, uid: int) -> dict[str, Any]:
@@ -343,7 +340,7 @@ class ControlSocket(SimplePlugin):
                 return {"child": _child(infos[0])}
             return {"pool": args["name"], "children": [_child(info) for info in infos]}
         if name == "signal":
-            sig = _signal(args["signal"])
+            sig = parse_signal(args["signal"])
             _, members = self._find(args["name"])
             pids = []
             for child in members:
@@ -367,12 +364,12 @@ class ControlSocket(SimplePlugin):
             await self.bus.wait(State.EXITING)
             return {"state": State.EXITING.name}
         if name == "log-level":
-            level = _level(args["level"])
+            level = parse_level(args["level"])
             if self.set_level is None:
                 raise RequestError(ErrorCode.FAILED, "this service's log level cannot be changed (no set_level)")
             previous, self.level = self.level, level
             self.set_level(level)
-            return {"level": _level_name(level), "previous": _level_name(previous)}
+            return {"level": level_name(level), "previous": level_name(previous)}
         raise AssertionError(f"command {name!r} not handled")  # pragma: no cover - COMMANDS and this agree
 
     def _status(self) -> dict[str, Any]:
@@ -409,7 +406,7 @@ class ControlSocket(SimplePlugin):
         name = request.args.get("name")
         if name is not None:
             self._find(name)
-        level = _level(request.args["level"]) if "level" in request.args else None
+        level = parse_level(request.args["level"]) if "level" in request.args else None
         send, receive = anyio.create_memory_object_stream[dict[str, Any]](TAIL_BUFFER)
         tail = _Tail(name, level, send, receive)
         self._tails.add(tail)
@@ -426,7 +423,7 @@ class ControlSocket(SimplePlugin):
             if tail.name is not None and not _about(tail.name, fields):
                 continue
             if event is None:
-                event = {"time": time.time(), "level": _level_name(level), "message": msg, "fields": fields}
+                event = {"time": time.time(), "level": level_name(level), "message": msg, "fields": fields}
             try:
                 tail.send.send_nowait(event)
             except anyio.WouldBlock:
@@ -441,7 +438,7 @@ class ControlSocket(SimplePlugin):
         tail.send.close()
         tail.receive.close()
 
-    async def _follow(self, conn: socket.socket, lines: _LineReader, tail: _Tail) -> None:
+    async def _follow(self, conn: socket.socket, lines: LineReader, tail: _Tail) -> None:
         """Send the tail's events until the client goes, or is cut for not reading."""
         receive = tail.receive
         try:
@@ -455,7 +452,7 @@ class ControlSocket(SimplePlugin):
 
                     group.start_soon(until_gone)
                     async for event in receive:
-                        await _send(conn, {"v": VERSION, "event": event})
+                        await send(conn, {"v": VERSION, "event": event})
         except TimeoutError:
             tail.dropped = True
         finally:
@@ -467,64 +464,6 @@ class ControlSocket(SimplePlugin):
                 logging.WARNING,
                 buffer=TAIL_BUFFER,
             )
-
-
-class _LineReader:
-    """Request lines of a connection; a line over MAX_REQUEST bytes is skipped whole and reported once."""
-
-    def __init__(self, conn: socket.socket) -> None:
-        self.conn = conn
-        self.buffer = bytearray()
-        self.skipping = False
-
-    async def next(self) -> bytes | object | None:
-        """The next line (without its newline), ``_TOO_LARGE``, or None at the end (a half line is dropped)."""
-        while True:
-            end = self.buffer.find(b"\n")
-            if end >= 0:
-                line = bytes(self.buffer[:end])
-                del self.buffer[: end + 1]
-                if self.skipping:
-                    self.skipping = False
-                    continue
-                return _TOO_LARGE if len(line) > MAX_REQUEST else line
-            if len(self.buffer) > MAX_REQUEST:
-                self.buffer.clear()
-                if not self.skipping:
-                    self.skipping = True
-                    return _TOO_LARGE
-            await anyio.wait_readable(self.conn)
-            try:
-                chunk = self.conn.recv(65536)
-            except (BlockingIOError, InterruptedError):
-                continue
-            except ConnectionError:
-                return None
-            if not chunk:
-                return None
-            self.buffer += chunk
-
-
-async def _send(conn: socket.socket, obj: dict[str, Any]) -> None:
-    """Send one JSON line.
-
-    Raises:
-        TimeoutError: the client took none of it for SEND_TIMEOUT seconds.
-        OSError: the client went away.
-    """
-    try:
-        text = json.dumps(obj, default=str, ensure_ascii=False)
-    except (ValueError, TypeError, RecursionError):  # a log field that refers to itself, say
-        text = json.dumps(_plain(obj), ensure_ascii=False)
-    data = memoryview(text.encode("utf-8", "replace") + b"\n")
-    while data:
-        try:
-            sent = conn.send(data)
-        except (BlockingIOError, InterruptedError):
-            with anyio.fail_after(SEND_TIMEOUT):
-                await anyio.wait_writable(conn)
-            continue
-        data = data[sent:]
 
 
 async def _steer(supervisor: Supervisor, command: str, members: list[Child]) -> list[ChildInfo]:
@@ -559,17 +498,6 @@ def _about(name: str, fields: dict[str, Any]) -> bool:
     return False
 
 
-def _plain(value: Any, depth: int = 0) -> Any:
-    """``value`` with what JSON cannot say (cycles, odd keys, depth past 20) turned into text."""
-    if isinstance(value, str | int | float | bool) or value is None:
-        return value
-    if depth < 20 and isinstance(value, dict):
-        return {str(key): _plain(item, depth + 1) for key, item in value.items()}
-    if depth < 20 and isinstance(value, list | tuple):
-        return [_plain(item, depth + 1) for item in value]
-    return str(value)[:1000]
-
-
 def _supervisors(bus: Bus) -> list[Supervisor]:
     """The supervisors subscribed to the bus, in start order (the default one among them, once made)."""
     found: list[Supervisor] = []
@@ -600,29 +528,3 @@ def _child(info: ChildInfo) -> dict[str, Any]:
             "failed": last.failed,
         },
     }
-
-
-def _signal(text: str) -> signal.Signals:
-    name = text.upper()
-    try:
-        return (
-            signal.Signals(int(name))
-            if name.isdigit()
-            else signal.Signals[name if name.startswith("SIG") else "SIG" + name]
-        )
-    except (KeyError, ValueError):
-        raise RequestError(ErrorCode.BAD_ARGUMENT, f"unknown signal {text!r} (such as HUP, SIGUSR1 or 10)") from None
-
-
-def _level(text: str) -> int:
-    level = LEVELS.get(text.lower())
-    if level is None:
-        raise RequestError(ErrorCode.BAD_ARGUMENT, f"unknown level {text!r}; the levels are: {', '.join(LEVELS)}")
-    return level
-
-
-def _level_name(level: int) -> str:
-    for name, number in LEVELS.items():
-        if number == level:
-            return name
-    return str(level)
