@@ -11,6 +11,9 @@ process with the bus's exit code.
 
 Exit codes: the bus's (0 after a clean shutdown, 70 after a failure, 130 after a
 forced shutdown); 2 for a bad command line or target, with one line on stderr.
+
+``aiobus ctl --socket PATH COMMAND`` steers a service run with ``--control PATH``: see
+``_ctl`` (its exit codes are its own: 0, 1, 2 and 3).
 """
 
 from __future__ import annotations
