@@ -294,8 +294,8 @@ def _event_line(event: dict[str, Any]) -> str:
     fields = event.get("fields") if isinstance(event.get("fields"), dict) else {}
     assert isinstance(fields, dict)
     stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(event.get("time") or 0)))
-    name = str(fields.get("program") or fields.get("child") or "aiobus")
-    extra = " ".join(f"{k}={v}" for k, v in fields.items() if k not in ("program", "child", "traceback"))
+    name = str(fields.get("child") or "aiobus")
+    extra = " ".join(f"{k}={v}" for k, v in fields.items() if k not in ("child", "traceback"))
     line = f"[{stamp}] {name:<7} {str(event.get('level', '')).upper():<7} {event.get('message', '')}"
     if extra:
         line += "  " + extra

@@ -168,7 +168,7 @@ class TestTail:
         assert "Traceback" not in tail.output
         events = [json.loads(line) for line in tail.lines if line.startswith("{")]
         assert len(events) >= 5
-        assert {"chatty"} == {event["fields"]["program"] for event in events}
+        assert {"chatty"} == {event["fields"]["child"] for event in events}
         numbers = [int(event["message"].split()[1]) for event in events]
         assert numbers == sorted(numbers)
         assert 0 == exit_service(service, sock)

@@ -491,11 +491,8 @@ async def _steer(supervisor: Supervisor, command: str, members: list[Child]) -> 
 
 def _about(name: str, fields: dict[str, Any]) -> bool:
     """Whether a log event is about the child (or the pool's member) named ``name``."""
-    for key in ("child", "program"):
-        value = fields.get(key)
-        if isinstance(value, str) and (value == name or value.startswith(name + "[")):
-            return True
-    return False
+    value = fields.get("child")
+    return isinstance(value, str) and (value == name or value.startswith(name + "["))
 
 
 def _supervisors(bus: Bus) -> list[Supervisor]:

@@ -419,8 +419,8 @@ class Subprocess(Child):
         if self.reload_signal is not None and self.pid is not None:
             self.bus.log(
                 f"Program {self.name}: {self.reload_signal.name} to its process group (graceful)",
-                program=self.name,
-                pid=self.pid,
+                child=self.name,
+                child_pid=self.pid,
                 signal=self.reload_signal.name,
             )
             try:
@@ -445,8 +445,8 @@ class Subprocess(Child):
             self.bus.log(
                 f"Program {self.name} is not live ({why}): stopping it with {self.stop_signal.name}",
                 logging.WARNING,
-                program=self.name,
-                pid=run.pid,
+                child=self.name,
+                child_pid=run.pid,
                 reason=why,
             )
             await self._send_stop(run)
