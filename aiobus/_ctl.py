@@ -22,13 +22,10 @@ import time
 from collections.abc import Callable
 from typing import Any, Final, TextIO
 
+from ._exitcodes import ExitCode
+from ._seconds import check_seconds
 from .plugins._control_protocol import COMMANDS, LEVELS, MAX_REQUEST, VERSION, RequestError, parse_signal
 
-EX_OK: Final = 0
-EX_FAILED: Final = 1
-EX_USAGE: Final = 2
-EX_NOT_RUNNING: Final = 3
-EX_INTERRUPTED: Final = 130
 #: Seconds a reply may take by default (a restart waits for the child to be ready).
 TIMEOUT: Final = 60.0
 #: The longest reply or event line read, in bytes.
@@ -43,19 +40,16 @@ EPILOG = (
 class CtlError(Exception):
     """The command did not succeed: a message for stderr, and the exit code."""
 
-    def __init__(self, message: str, code: int = EX_FAILED) -> None:
+    def __init__(self, message: str, code: int = ExitCode.FAILURE) -> None:
         super().__init__(message)
         self.code = code
 
 
 def _timeout(text: str) -> float:
     try:
-        value = float(text)
+        return check_seconds("--timeout", float(text), positive=True)
     except ValueError:
-        value = -1.0
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {text!r}")
-    return value
+        raise argparse.ArgumentTypeError(f"must be a positive finite number of seconds, not {text!r}") from None
 
 
 def _signal_arg(text: str) -> str:
@@ -115,7 +109,7 @@ def run_ctl(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | N
     path = getattr(args, "socket", None)
     if not path:
         err.write("aiobus ctl: error: --socket PATH is required (see --help)\n")
-        return EX_USAGE
+        return ExitCode.USAGE
     as_json = getattr(args, "json", False)
     command = COMMANDS[args.ctl_command]
     request_args = {key: getattr(args, key) for key in command.arguments if getattr(args, key, None) is not None}
@@ -137,16 +131,16 @@ def run_ctl(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | N
             if not as_json:
                 out.write(printable(FORMATS[command.name](reply["result"])))
             out.flush()
-            return EX_OK
+            return ExitCode.OK
     except CtlError as error:
         err.write(printable(f"aiobus ctl: {error}") + "\n")
         return error.code
     except KeyboardInterrupt:
         err.write("aiobus ctl: interrupted\n")
-        return EX_INTERRUPTED
+        return ExitCode.FORCED
     except BrokenPipeError:  # the reader of our output went away (`aiobus ctl tail | head`)
         _quiet(out)
-        return EX_OK if command.name == "tail" else EX_FAILED
+        return ExitCode.OK if command.name == "tail" else ExitCode.FAILURE
 
 
 def _quiet(out: TextIO) -> None:
@@ -166,7 +160,7 @@ def _connect(path: str, timeout: float) -> socket.socket:
         conn.connect(path)
     except (FileNotFoundError, ConnectionRefusedError):
         conn.close()
-        raise CtlError(f"nothing is listening at {path}: the service is not running", EX_NOT_RUNNING) from None
+        raise CtlError(f"nothing is listening at {path}: the service is not running", ExitCode.NOT_RUNNING) from None
     except TimeoutError:
         conn.close()
         raise CtlError(f"the service at {path} did not accept the connection within {timeout:g} s") from None
@@ -213,7 +207,7 @@ def _tail(reader: Any, path: str, out: TextIO, err: TextIO, as_json: bool) -> in
             out.write(json.dumps(event) + "\n" if as_json else printable(_event_line(event)))
             out.flush()
     except KeyboardInterrupt:
-        return EX_OK
+        return ExitCode.OK
 
 
 # -- output for people ----------------------------------------------------------------

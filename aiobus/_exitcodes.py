@@ -19,6 +19,8 @@ class ExitCode:
     FAILURE: Final = 1
     #: The ``aiobus`` command: a bad flag, or a target that cannot be loaded.
     USAGE: Final = 2
+    #: ``aiobus ctl``: nothing listens at the control socket, the service is not running (LSB's ``status``).
+    NOT_RUNNING: Final = 3
     #: A listener or a task of the bus failed, timed out, or supervision gave up (``EX_SOFTWARE``).
     SOFTWARE: Final = 70
     #: The shutdown was forced by a second Ctrl-C (or ``bus.force_exit``): 128 + SIGINT.

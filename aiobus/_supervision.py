@@ -879,7 +879,7 @@ class Supervisor(SimplePlugin):
 
     def _end_with(self, child: Child, exit: ChildExit) -> None:
         """A significant child ended for good: the bus exits, code 0 if it ended cleanly, 70 otherwise."""
-        code = EX_SOFTWARE if exit.failed else 0
+        code = ExitCode.SOFTWARE if exit.failed else ExitCode.OK
         self.bus.log(
             f"Significant child {child.name} ended for good ({exit.reason}): exiting with code {code}",
             logging.WARNING if code else logging.INFO,

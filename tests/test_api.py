@@ -72,6 +72,13 @@ def test_priority_names_plain_numbers_a_listener_can_take() -> None:
 
 
 def test_exit_codes_are_the_documented_numbers() -> None:
-    """ExitCode holds the numbers the README documents: 0 clean, 1 daemon failed, 2 usage, 70 failure, 130 forced."""
+    """ExitCode holds the numbers the README documents: 0 clean, 1 failed, 2 usage, 3 not running, 70, 130."""
     codes = aiobus.ExitCode
-    assert (codes.OK, codes.FAILURE, codes.USAGE, codes.SOFTWARE, codes.FORCED) == (0, 1, 2, 70, 130)
+    assert (codes.OK, codes.FAILURE, codes.USAGE, codes.NOT_RUNNING, codes.SOFTWARE, codes.FORCED) == (
+        0,
+        1,
+        2,
+        3,
+        70,
+        130,
+    )

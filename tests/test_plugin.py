@@ -25,6 +25,7 @@ from aiobus import (
 from aiobus._daemon import Daemon
 from aiobus.plugins import (
     Autoreloader,
+    ControlSocket,
     DropPrivileges,
     Monitor,
     PIDFile,
@@ -115,6 +116,7 @@ BUILT_IN: dict[str, Callable[[Bus, Path, Daemon], Plugin]] = {
     "Subprocess": lambda bus, path, daemon: Subprocess(bus, "program", [sys.executable, "-c", "pass"]),
     "ChildBroker": lambda bus, path, daemon: ChildBroker(bus, "broker", child_functions.echo),
     "DaemonReporter": lambda bus, path, daemon: DaemonReporter(bus, daemon),
+    "ControlSocket": lambda bus, path, daemon: ControlSocket(bus, path / "ctl.sock"),
 }
 
 

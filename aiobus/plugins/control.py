@@ -29,7 +29,7 @@ from typing import Any, Final
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from aiobus import Bus, Child, ChildInfo, Priority, SimplePlugin, State, Supervisor
+from aiobus import Bus, Child, ChildInfo, Priority, SimplePlugin, State, Supervisor, priority
 
 from ._control_protocol import (
     MAX_REQUEST,
@@ -115,6 +115,7 @@ class ControlSocket(SimplePlugin):
 
     # -- the bus's channels -------------------------------------------------------------
 
+    @priority(Priority.START_BIND)
     async def start(self) -> None:
         """Create the socket and serve it.
 
@@ -134,8 +135,6 @@ class ControlSocket(SimplePlugin):
         self.bus.subscribe("log", self._on_log)
         self.bus.start_soon(self._serve, self._socket, name="aiobus control socket")
         self.bus.log(f"Control socket listening at {self.path}", path=self.path)
-
-    start.priority = Priority.START_BIND  # type: ignore[attr-defined]
 
     async def exit(self) -> None:
         """Stop accepting, remove the socket file, let the replies under way go (at most

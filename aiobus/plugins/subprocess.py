@@ -249,7 +249,7 @@ class Subprocess(Child):
         if isinstance(live, PortReady) and isinstance(live.port, str) and instances is None:
             raise ValueError(f"PortReady's port {live.port!r} is a template: give the program instances=N")
         self.live = live
-        self.live_interval = _seconds("live_interval", live_interval, zero=False)
+        self.live_interval = check_seconds("live_interval", live_interval, positive=True)
         if isinstance(live_failures, bool) or not isinstance(live_failures, int) or live_failures < 1:
             raise ValueError(f"live_failures must be an int >= 1, not {live_failures!r}")
         self.live_failures = live_failures
