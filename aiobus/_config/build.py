@@ -109,9 +109,10 @@ def build(bus: Bus, service: Service, *, subscribe: bool = True) -> dict[str, Ch
         try:
             child: Child
             if child_spec.kind == "program":
-                if child_spec.ready is not None:
-                    check, options = child_spec.ready
-                    kwargs["ready"] = PortReady(**options) if check == "port" else LineReady(**options)
+                for key, check_spec in (("ready", child_spec.ready), ("live", child_spec.live)):
+                    if check_spec is not None:
+                        check, options = check_spec
+                        kwargs[key] = PortReady(**options) if check == "port" else LineReady(**options)
                 child = Subprocess(bus, child_spec.name, child_spec.argv, supervisor=supervisor, **kwargs)
             else:
                 fn = service.functions[child_spec.name]

@@ -313,7 +313,21 @@ PROGRAM = Section(
             positive,
         ),
         Key("base_port", INTEGER, "with `instances`: `{port}` is this plus the copy's index", "", convert=port),
-        Key("liveness", TABLE, "a liveness check", pending="liveness checks are not read from a file yet"),
+        Key(
+            "liveness",
+            TABLE,
+            'a liveness check while it runs, as `ready`: `{ port = 8000 }` or `{ line = "regex" }`',
+            "none",
+        ),
+        Key("live_interval", NUMBER, "seconds between two liveness checks", "10", "live_interval", positive_seconds),
+        Key(
+            "live_failures",
+            INTEGER,
+            "failed liveness checks in a row before it is stopped and restarted by its policy",
+            "3",
+            "live_failures",
+            positive,
+        ),
         Key(
             "reload_signal",
             STRING,
@@ -328,7 +342,7 @@ PROGRAM = Section(
 
 READY = Section(
     "[programs.NAME.ready]",
-    "A readiness check (`PortReady` or `LineReady`): give `port` or `line`.",
+    "A readiness check (`PortReady` or `LineReady`): give `port` or `line`. A `liveness` table takes the same keys.",
     (
         Key(
             "port",

@@ -39,6 +39,7 @@ class ChildSpec:
     argv: list[str] = field(default_factory=list)
     target: str = ""  # a broker's function
     ready: tuple[str, dict[str, Any]] | None = None  # ("port" or "line", the check's keywords)
+    live: tuple[str, dict[str, Any]] | None = None  # the liveness check, the same way
 
 
 @dataclass
@@ -233,6 +234,8 @@ def _program(
         checker.problem(where, "missing required key 'command' (or 'argv')")
     if "ready" in values:
         child.ready = _ready(checker, values["ready"], f"[programs.{name}.ready]")
+    if "liveness" in values:
+        child.live = _ready(checker, values["liveness"], f"[programs.{name}.liveness]")
     if "base_port" in values:
         if "instances" not in values:
             checker.problem(where, "goes with instances", "base_port")

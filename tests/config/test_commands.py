@@ -64,6 +64,10 @@ class TestTheReadmeExample:
         child = aiobus(spawn, "run", "--config", "aiobus.toml", env=python3_on_path(spawn))
         child.wait_for('"job answered"', timeout=WAIT)
         assert (spawn.directory / "service.pid").read_text() == f"{child.pid}\n"
+        ctl = aiobus(spawn, "ctl", "--socket", "control.sock", "status", "--json")
+        assert ctl.wait(WAIT) == 0, ctl.output
+        status = json.loads(ctl.output)
+        assert ["web", "jobs[0]", "jobs[1]"] == [each["name"] for each in status["children"]], status
         events = child.events()
         [serving] = [event for event in events if event["event"].startswith("Serving HTTP")]
         port = re.search(r"port (\d+)", serving["event"])
@@ -190,10 +194,6 @@ BAD_FILES = {
     "an env file line that does not parse": (
         "[programs.web]\ncommand = 'x'\nenv_file = 'app.env'\n",
         "app.env:2: expected KEY=VALUE (no '=' on the line) (the env_file of [programs.web])",
-    ),
-    "a key not supported yet": (
-        "[programs.web]\ncommand = 'x'\nliveness = { port = 8000 }\n",
-        "svc.toml: [programs.web] liveness: not supported yet (liveness checks are not read from a file yet)",
     ),
     "a target that is missing": (
         "[brokers.jobs]\ntarget = 'no_such_module:worker'\n",

@@ -12,7 +12,7 @@ from aiobus import Bus, ChildBroker, Supervisor
 from aiobus._config import ConfigError, ServiceSpec, build, load_service
 from aiobus._config.build import Service
 from aiobus._config.procfile import load_procfile
-from aiobus._config.schema import SECTIONS, keys_table
+from aiobus._config.schema import keys_table
 from aiobus.plugins import LineReady, PortReady, Subprocess
 
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -197,17 +197,15 @@ class TestProblems:
         [problem] = problems(tmp_path, "[programs.a]\ncommand = 'x'\nenv = { TOKEN = 123456789 }\n")
         assert "123456789" not in problem
 
-    @pytest.mark.parametrize(
-        ("table", "key"),
-        [(section.title, key.name) for section in SECTIONS for key in section.keys if key.pending is not None],
-    )
-    def test_a_key_not_supported_yet_is_refused_by_name(self, tmp_path: Path, table: str, key: str) -> None:
-        """Each key of a feature still to come is refused with "not supported yet", never ignored."""
-        header = table.replace("NAME", "x")
-        base = {"[programs.x]": "command = 'x'\n", "[brokers.x]": "target = 'm:f'\n"}.get(header, "")
-        found = problems(tmp_path, f"{header}\n{base}{key} = 1\n")
-        assert 1 == len(found) and found[0].startswith(f"svc.toml: {header} {key}: "), found
-        assert "not supported yet" in found[0]
+    def test_a_liveness_check_is_made_as_declared(self, tmp_path: Path) -> None:
+        """liveness takes the keys of ready; live_interval and live_failures go with it."""
+        spec = spec_of(
+            tmp_path,
+            "[programs.web]\ncommand = 'web'\nliveness = { port = 8000 }\nlive_interval = 2\nlive_failures = 5\n",
+        )
+        web = build(Bus(), Service(spec, functions={}), subscribe=False)["web"]
+        assert isinstance(web, Subprocess)
+        assert (PortReady(8000), 2.0, 5) == (web.live, web.live_interval, web.live_failures)
 
 
 class TestProcfiles:
