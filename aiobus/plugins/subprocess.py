@@ -86,6 +86,15 @@ class _Run:
     ended: anyio.Event = field(default_factory=anyio.Event)
 
 
+def _check_check(label: str, check: object, instances: int | None) -> PortReady | LineReady | None:
+    """A readiness or liveness check: None, a LineReady or a PortReady (a template port only with instances)."""
+    if check is not None and not isinstance(check, PortReady | LineReady):
+        raise TypeError(f"{label} must be None, a PortReady or a LineReady, not {check!r}")
+    if isinstance(check, PortReady) and isinstance(check.port, str) and instances is None:
+        raise ValueError(f"PortReady's port {check.port!r} is a template: give the program instances=N")
+    return check
+
+
 def _check_argv(argv: object) -> list[str]:
     if isinstance(argv, str | bytes) or not isinstance(argv, Sequence):
         raise TypeError(f"argv must be a list of arguments, the program first, not {argv!r}")
@@ -230,11 +239,7 @@ class Subprocess(Child):
             self.kill_after = check_seconds("stop_timeout", stop_timeout)
         else:
             self.kill_after = check_seconds("kill_after", KILL_AFTER if kill_after is None else kill_after)
-        if ready is not None and not isinstance(ready, PortReady | LineReady):
-            raise TypeError(f"ready must be None, a PortReady or a LineReady, not {ready!r}")
-        if isinstance(ready, PortReady) and isinstance(ready.port, str) and instances is None:
-            raise ValueError(f"PortReady's port {ready.port!r} is a template: give the program instances=N")
-        self.ready = ready
+        self.ready = _check_check("ready", ready, instances)
         self.ready_timeout = check_seconds("ready_timeout", ready_timeout, positive=True)
         if isinstance(max_line, bool) or not isinstance(max_line, int) or max_line < 1:
             raise ValueError(f"max_line must be a number of bytes >= 1, not {max_line!r}")
@@ -244,11 +249,7 @@ class Subprocess(Child):
             self.reload_signal = None if reload_signal is None else signal.Signals(reload_signal)
         except ValueError:
             raise ValueError(f"reload_signal must be None or a signal, not {reload_signal!r}") from None
-        if live is not None and not isinstance(live, PortReady | LineReady):
-            raise TypeError(f"live must be None, a PortReady or a LineReady, not {live!r}")
-        if isinstance(live, PortReady) and isinstance(live.port, str) and instances is None:
-            raise ValueError(f"PortReady's port {live.port!r} is a template: give the program instances=N")
-        self.live = live
+        self.live = _check_check("live", live, instances)
         self.live_interval = check_seconds("live_interval", live_interval, positive=True)
         if isinstance(live_failures, bool) or not isinstance(live_failures, int) or live_failures < 1:
             raise ValueError(f"live_failures must be an int >= 1, not {live_failures!r}")
