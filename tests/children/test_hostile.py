@@ -12,7 +12,9 @@ import json
 import logging
 import os
 import pwd
+import shlex
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -22,10 +24,12 @@ from typing import Any
 import anyio
 import hostile_functions
 import pytest
+import structlog
 from helpers import LogRecord
 from hostile_functions import Records
 from processes import Child, Spawner, alive
 
+import aiobus
 from aiobus import CHILD_EXIT_CHANNEL, Bus, ChildBroker, ChildExit
 
 pytestmark = [
@@ -322,17 +326,41 @@ if __name__ == "__main__":
     raise SystemExit(anyio.run(main))
 """
 
+
 #: Makes the interpreter under a private /root reachable by nobody, in a mount namespace of the
 #: service's own (nothing outside it changes): a tmpfs over /root holding only ~/.pyenv.
-EXPOSE_PYENV = """
-set -e
-mkdir -p "$VIEW"
-mount --bind /root/.pyenv "$VIEW"
-mount -t tmpfs -o mode=0711 tmpfs /root
-mkdir /root/.pyenv
-mount --bind "$VIEW" /root/.pyenv
-exec "$@"
-"""
+def closed_folders() -> list[tuple[str, str]]:
+    """The folders nobody may not enter on the way to this interpreter and the packages it runs
+    (/root for pyenv, a 0700 temporary folder holding a clone...), each with the entry below it
+    that must be reachable, outermost first."""
+    needed = {sys.executable, os.path.realpath(sys.executable), sys.prefix, sys.base_prefix}
+    needed |= {os.path.dirname(module.__file__ or "") for module in (aiobus, anyio, structlog)}
+    found: list[tuple[str, str]] = []
+    for path in sorted(needed):
+        parts = Path(path).parts
+        for depth in range(1, len(parts) - 1):
+            folder = os.path.join(*parts[: depth + 1])
+            if not os.stat(folder).st_mode & stat.S_IXOTH and (folder, parts[depth + 1]) not in found:
+                found.append((folder, parts[depth + 1]))
+    return sorted(found, key=lambda pair: len(Path(pair[0]).parts))
+
+
+def expose(folders: list[tuple[str, str]], view: Path) -> str:
+    """A shell script that, in a mount namespace of its own, lets nobody through each of ``folders``
+    (a 0711 tmpfs over it, the entry needed bound back into it) and then runs its arguments."""
+    lines = ["set -e"]
+    for number, (folder, entry) in enumerate(folders):
+        saved = shlex.quote(str(view / str(number)))
+        folder, entry = shlex.quote(folder), shlex.quote(entry)
+        lines += [
+            f"mkdir -p {saved}",
+            f"mount --bind {folder} {saved}",
+            f"mount -t tmpfs -o mode=0711 tmpfs {folder}",
+            f"mkdir -p {folder}/{entry}",
+            f"mount --bind {saved}/{entry} {folder}/{entry}",
+        ]
+    lines.append('exec "$@"')
+    return "\n".join(lines) + "\n"
 
 
 #: argv: worker pid, marker path. Becomes nobody after its imports, then duplicates each socket the
@@ -399,11 +427,10 @@ class TestPrivilegeDrop:
             return spawner.run(argv)
         if not nobody_can_run(["true"]) or subprocess.run(["unshare", "-m", "true"]).returncode != 0:
             pytest.skip("nobody cannot run this interpreter, and no mount namespace can change that")
-        # The interpreter lives under a private /root (pyenv): expose it to nobody, in the
-        # service's own mount namespace only.
-        wrapper = ["unshare", "-m", "--propagation", "private", "sh", "-c", EXPOSE_PYENV, "expose"]
-        view = directory / "pyenv-view"
-        return spawner.run([*wrapper, *argv], env={"VIEW": str(view)})
+        # The interpreter or the packages live under a folder nobody may not enter (/root for
+        # pyenv, a private temporary folder): expose them, in the service's own mount namespace only.
+        exposing = expose(closed_folders(), directory / "views")
+        return spawner.run(["unshare", "-m", "--propagation", "private", "sh", "-c", exposing, "expose", *argv])
 
     def test_the_worker_runs_as_nobody_and_the_service_exits_0(self) -> None:
         """A root worker idles in anyio's pool before the drop: the child's worker still runs as nobody
