@@ -263,7 +263,12 @@ sock.bind(path)
 sock.listen()
 print("listening", path, flush=True)
 conn, _ = sock.accept()
-print("got", repr(conn.recv(100)), flush=True)
+got = conn.recv(100)
+conn.close()
+sock.close()
+os.unlink(path)
+os.rmdir(directory)  # nothing left behind
+print("got", repr(got), flush=True)
 """
     child = spawn.run([python_for_nobody(), "-c", server], user=NOBODY)
     path = (await anyio.to_thread.run_sync(child.wait_for, "listening", 60)).split()[1]
