@@ -108,8 +108,8 @@ class Result:
 def start_service(
     spawn: Spawner, target: str, socket_path: Path, *flags: str, extra: str = "", quiet: bool = False
 ) -> Child:
-    """Write the service module, run ``aiobus run svc:TARGET --control PATH`` and wait until its socket
-    says it is STARTED (``quiet`` is kept for callers; it changes nothing)."""
+    """Write the service module, run ``aiobus run svc:TARGET --control PATH`` and wait until it is STARTED
+    (``quiet``: it does not log that, so ask its socket)."""
     (spawn.directory / "svc.py").write_text(textwrap.dedent(SERVICE) + textwrap.dedent(extra))
     child = spawn.run(
         [
@@ -125,8 +125,10 @@ def start_service(
             *flags,
         ]
     )
-    # Ask the socket: a child broker's own "Bus STARTED" line may come before the service's.
-    wait_started(socket_path)
+    if quiet:
+        wait_started(socket_path)
+    else:
+        child.wait_for('"Bus STARTED"', timeout=WAIT)
     return child
 
 
