@@ -176,15 +176,32 @@ class Child(abc.ABC):
 
     # -- as a plugin ------------------------------------------------------------------
 
+    @property
+    def members(self) -> tuple[Child, ...]:
+        """The children that run for this one: ``(self,)``, or a pool's workers (each a child of
+        its own, which the supervisor runs instead of the pool)."""
+        return (self,)
+
     def subscribe(self) -> None:
         """Join the supervisor's group (the bus's default one unless given another), once:
-        from then on it starts and stops with the bus."""
+        from then on it starts and stops with the bus. A pool: each of its members joins."""
+        members = self.members
+        if members != (self,):
+            for member in members:
+                member.subscribe()
+            self.supervisor = members[0].supervisor
+            return
         group = self._group()
         if self not in group._children:
             group.add(self)
 
     def unsubscribe(self) -> None:
-        """Leave the supervisor's group; the child must not be running."""
+        """Leave the supervisor's group (a pool: each of its members leaves); nothing may be running."""
+        members = self.members
+        if members != (self,):
+            for member in members:
+                member.unsubscribe()
+            return
         group = self._group()
         if self in group._children:
             group.remove(self)

@@ -432,22 +432,6 @@ class ChildBroker(Child, ObjectReceiveStream[Any]):
                     self._pool.remove(worker)
             raise
 
-    def subscribe(self) -> None:
-        """Join the supervisor's group (a pool: each of its workers joins), once."""
-        if self._pool is None:
-            super().subscribe()
-            return
-        for worker in self._pool:
-            worker.subscribe()
-        self.supervisor = self._pool[0].supervisor
-
-    def unsubscribe(self) -> None:
-        """Leave the supervisor's group (a pool: each of its workers leaves); nothing may be running."""
-        for worker in self.members if self._pool is not None else ():
-            worker.unsubscribe()
-        if self._pool is None:
-            super().unsubscribe()
-
     def _set_data(self, data: Link | None) -> None:
         self._data = data
         self._changed.set()

@@ -303,23 +303,6 @@ class Subprocess(Child):
         """The instances (each a child of the supervisor), or ``(self,)`` for a single program."""
         return (self,) if self._instances is None else tuple(self._instances)
 
-    def subscribe(self) -> None:
-        """Join the supervisor's group (with instances: each of them joins), once."""
-        if self._instances is None:
-            super().subscribe()
-            return
-        for instance in self._instances:
-            instance.subscribe()
-        self.supervisor = self._instances[0].supervisor
-
-    def unsubscribe(self) -> None:
-        """Leave the supervisor's group (with instances: each of them leaves); nothing may be running."""
-        if self._instances is None:
-            super().unsubscribe()
-            return
-        for instance in self._instances:
-            instance.unsubscribe()
-
     def __repr__(self) -> str:
         return f"<Subprocess {self.name!r} {self.argv!r} {self.state}>"
 
