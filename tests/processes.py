@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 
 def alive(pids: list[int]) -> list[int]:
@@ -185,3 +185,12 @@ class Spawner:
             left += child.session_processes()
             child.kill()
         return left
+
+
+def printed_pids(stream: IO[str]) -> list[int]:
+    """The pids of the first line ``pids N N ...`` a service prints (after its log lines)."""
+    line = ""
+    while not line.startswith("pids "):
+        line = stream.readline()
+        assert line, "the service ended before it printed its pids"
+    return [int(pid) for pid in line.split()[1:]]

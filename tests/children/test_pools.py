@@ -18,7 +18,7 @@ import anyio
 import fails_once
 import hostile_functions
 import pytest
-from processes import alive, descendants
+from processes import alive, descendants, printed_pids
 
 from aiobus import CHILD_EXIT_CHANNEL, Bus, ChannelFailures, ChildBroker, ChildExit, ChildState, Supervisor
 
@@ -279,11 +279,7 @@ class TestParentKilled:
         ) as service:
             try:
                 assert service.stdout is not None
-                line = ""
-                while not line.startswith("pids "):  # after the bus's own log lines
-                    line = service.stdout.readline()
-                    assert line, "the service ended before it printed its pids"
-                pids = [int(pid) for pid in line.split()[1:]]
+                pids = printed_pids(service.stdout)
                 assert len(pids) == 16 and alive(pids) == pids
             finally:
                 service.kill()

@@ -20,7 +20,7 @@ import anyio.lowlevel
 import hostile_functions
 import pytest
 from hostile_functions import CRASH_FLAG, Records, is_worker
-from processes import alive, descendants
+from processes import alive, descendants, printed_pids
 
 from aiobus import CHILD_EXIT_CHANNEL, Bus, ChildBroker, ChildExit, ChildUnavailable, Supervisor
 
@@ -307,11 +307,7 @@ class TestParentKilled:
         ) as service:
             try:
                 assert service.stdout is not None
-                line = ""
-                while not line.startswith("pids "):  # after the bus's own log lines
-                    line = service.stdout.readline()
-                    assert line, "the service ended before it printed its pids"
-                pids = [int(pid) for pid in line.split()[1:]]
+                pids = printed_pids(service.stdout)
                 before = set(descendants(service.pid))
                 assert alive(pids) == pids
             finally:
