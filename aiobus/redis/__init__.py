@@ -1,0 +1,15 @@
+"""aiobus over Redis: buses bridged across hosts, fleet operations, and brokers served from a Stream.
+
+An optional extra: ``pip install aiobus[redis]`` brings coredis (a Redis client built on anyio, so
+all of this runs on asyncio and trio alike). The core of aiobus does not import this package.
+
+Layers: ``_connect`` (URLs, connecting, credentials kept out of logs, backoff) is shared; the
+bridge and fleet operations, and the brokers on a Stream, are built on it and on aiobus's public API.
+"""
+
+from ._connect import Backoff as Backoff
+from ._connect import RedisUnavailable as RedisUnavailable
+from ._connect import connect as connect
+from ._connect import redact as redact
+
+__all__ = ["Backoff", "RedisUnavailable", "connect", "redact"]
