@@ -4,12 +4,28 @@ An optional extra: ``pip install aiobus[redis]`` brings coredis (a Redis client 
 all of this runs on asyncio and trio alike). The core of aiobus does not import this package.
 
 Layers: ``_connect`` (URLs, connecting, credentials kept out of logs, backoff) is shared; the
-bridge and fleet operations, and the brokers on a Stream, are built on it and on aiobus's public API.
+bridge and fleet operations, and the brokers on a Stream (``_envelope``, the JSON on the wire;
+``streams``, the senders; ``streams_broker``, the brokers), are built on it and on aiobus's public API.
 """
 
 from ._connect import Backoff as Backoff
 from ._connect import RedisUnavailable as RedisUnavailable
 from ._connect import connect as connect
 from ._connect import redact as redact
+from .streams import RemoteBroker as RemoteBroker
+from .streams import RemoteBrokerStatistics as RemoteBrokerStatistics
+from .streams_broker import StreamBroker as StreamBroker
+from .streams_broker import StreamBrokerStatistics as StreamBrokerStatistics
+from .streams_broker import StreamLink as StreamLink
 
-__all__ = ["Backoff", "RedisUnavailable", "connect", "redact"]
+__all__ = [
+    "Backoff",
+    "RedisUnavailable",
+    "RemoteBroker",
+    "RemoteBrokerStatistics",
+    "StreamBroker",
+    "StreamBrokerStatistics",
+    "StreamLink",
+    "connect",
+    "redact",
+]
