@@ -8,6 +8,8 @@ group (see :mod:`.streams_broker`); any process, on any host, sends to it with a
 
 from __future__ import annotations
 
+import os
+import warnings
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
@@ -26,6 +28,8 @@ from ._envelope import FIELD, MAX_MESSAGE_SIZE, OPENED, Dropped, Keys, decode, e
 
 _T = TypeVar("_T")
 
+#: The environment variable a Redis URL (with its credentials) is taken from when none is given.
+URL_VARIABLE = "AIOBUS_REDIS_URL"
 #: Entries kept in a stream, about (``MAXLEN ~``): past it the oldest are trimmed.
 MAXLEN = 10_000
 #: Seconds a blocking read waits on the server before it looks around (a stop, a claim to make).
@@ -47,16 +51,43 @@ async def persist(
     deadline = anyio.current_time() + timeout
     backoff = Backoff()
     while True:
+        failures: list[BaseException] = []
         try:
             with anyio.fail_after(command_timeout):
                 return await operation()
         except CONNECTION_ERRORS as error:
-            _forget_failed_connections()
-            reason = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+            failures.append(error)
+        reason = str(failures[0]).splitlines()[0][:200] if str(failures[0]) else type(failures[0]).__name__
+        let_go(failures)
         delay = backoff.delay()
         if anyio.current_time() + delay > deadline:
             raise RedisUnavailable(f"no answer from Redis at {redact(url)} within {timeout:g} s: {reason}")
         await anyio.sleep(delay)
+
+
+def let_go(failures: list[BaseException]) -> None:
+    """Drop the errors of failed commands, and with them the connections coredis could not make,
+    their ResourceWarning silenced (they leave anyio memory streams open): now, rather than in
+    unrelated code. Each error's traceback holds the connection, and the list is the last
+    reference to the error: it is emptied here, where the warnings are off, with no await."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        failures.clear()
+        _forget_failed_connections()
+
+
+def redis_url(url: str | None) -> str:
+    """``url``, or if it is None the URL in the environment variable ``AIOBUS_REDIS_URL`` (so that a
+    password need not appear on a command line).
+
+    Raises:
+        ValueError: neither is given.
+    """
+    if url is None:
+        url = os.environ.get(URL_VARIABLE)
+        if not url:
+            raise ValueError(f"no Redis URL given, and {URL_VARIABLE} is not set")
+    return url
 
 
 def trimmed(maxlen: int) -> dict[str, Any]:
@@ -79,17 +110,20 @@ class RemoteBroker(ObjectReceiveStream[Any]):
     :class:`~aiobus.ChildBroker`.
 
     Use it as ``async with RemoteBroker(url, name) as broker:``; connecting checks the server
-    and the credentials (from the URL only, never logged), so a wrong password or an absent
+    and the credentials (from the URL, or the environment: never logged), so a wrong password or an absent
     server fails there with :class:`RedisUnavailable`.
 
     Messages are JSON (never pickle: Redis crosses a network): a tuple arrives as a list, a
     dict's keys as strings. Each goes to one of the brokers serving ``name`` (a
     :class:`~aiobus.redis.StreamBroker`), at least once: a broker that dies before it asked for
     the next message leaves it to another, which sees it delivered more than once. Replies come
-    back to this sender only, on a stream of its own deleted when it closes.
+    back to this sender only, on a stream of its own deleted when it closes (and expiring
+    ``reply_ttl`` seconds after its last use if the sender dies).
 
     Args:
-        url: ``redis://[user:password@]host[:port][/db]``, ``rediss://`` (TLS) or ``unix://``.
+        url: ``redis://[user:password@]host[:port][/db]``, ``rediss://`` (TLS) or ``unix://``;
+            None: the URL in the environment variable ``AIOBUS_REDIS_URL``. Credentials come
+            from there only, and are never logged (errors show the URL with ``***``).
         name: the brokers' name (no ``:`` or spaces).
         prefix: the first part of every key.
         maxlen: entries kept in the requests and replies streams, about: past it, the oldest
@@ -106,7 +140,7 @@ class RemoteBroker(ObjectReceiveStream[Any]):
 
     def __init__(
         self,
-        url: str,
+        url: str | None,
         name: str,
         *,
         prefix: str = "aiobus",
@@ -117,7 +151,7 @@ class RemoteBroker(ObjectReceiveStream[Any]):
         reply_ttl: float = 3600.0,
         replies_buffer: int = 1000,
     ) -> None:
-        self.url = url
+        self.url = redis_url(url)
         self.keys = Keys(prefix, name)
         if maxlen < 1 or max_message_size < 1 or replies_buffer < 1:
             raise ValueError("maxlen, max_message_size and replies_buffer must be 1 or more")
@@ -134,6 +168,7 @@ class RemoteBroker(ObjectReceiveStream[Any]):
         self._client: Any = None
         self._log = structlog.get_logger().bind(logger="aiobus.redis", broker=name)
         self._sent = self._received = self._dropped = 0
+        self._last = "0-0"  # the last entry read on the reply stream
 
     async def __aenter__(self) -> RemoteBroker:
         self._replies_in, self._replies_out = anyio.create_memory_object_stream[Any](self._replies_buffer)
@@ -142,9 +177,9 @@ class RemoteBroker(ObjectReceiveStream[Any]):
             stack.push_async_callback(self._replies_in.aclose)
             self._client = await stack.enter_async_context(connect(self.url, timeout=self.connect_timeout))
             stack.push_async_callback(self._forget_replies)
-            opened = await persist(self._open_replies, self.url, self.send_timeout, self.connect_timeout)
+            self._last = await persist(self._open_replies, self.url, self.send_timeout, self.connect_timeout)
             tasks = await stack.enter_async_context(anyio.create_task_group())
-            tasks.start_soon(self._read_replies, opened, name=f"aiobus replies of {self.keys.name}")
+            tasks.start_soon(self._read_replies, name=f"aiobus replies of {self.keys.name}")
             stack.callback(tasks.cancel_scope.cancel)
             self._stack = stack.pop_all()
         return self
@@ -160,6 +195,7 @@ class RemoteBroker(ObjectReceiveStream[Any]):
         stack, self._stack = self._stack, None
         if stack is not None:
             await stack.aclose()  # not in a scope of its own: the client's scopes were entered before
+            let_go([])  # what the client dropped while Redis was away
 
     async def send(self, obj: Any) -> str:
         """Queue ``obj`` for the brokers; return its message id (replies carry it too).
@@ -205,38 +241,42 @@ class RemoteBroker(ObjectReceiveStream[Any]):
         return RemoteBrokerStatistics(self._sent, self._received, self._dropped)
 
     async def _open_replies(self) -> str:
-        """Create the reply stream (brokers add to it only while it exists); return its first id."""
+        """Create the reply stream, with its lease; return its first id."""
         opened: str = await self._client.xadd(self.reply_key, {OPENED: self.origin}, **trimmed(self.maxlen))
         await self._client.expire(self.reply_key, int(self.reply_ttl) + 1)
         return opened
 
     async def _forget_replies(self) -> None:
         with anyio.move_on_after(self.connect_timeout):
+            failures: list[BaseException] = []
             try:
                 await self._client.delete([self.reply_key])
-            except CONNECTION_ERRORS:
-                _forget_failed_connections()  # it expires after reply_ttl
+            except CONNECTION_ERRORS as error:
+                failures.append(error)  # the stream expires after reply_ttl
+            let_go(failures)
 
-    async def _read_replies(self, last: str) -> None:
+    async def _read_replies(self) -> None:
         """Read the reply stream into the buffer; while Redis is away, try again with backoff.
-        Every read that finds nothing renews the stream's lease, or opens it again (a restarted
-        server has lost it)."""
+        Every read that finds nothing renews the stream's lease (a restarted server may have
+        lost the stream: brokers make it again as they reply, with a lease of their own)."""
         backoff = Backoff(most=2.0)
         client = self._client
         while True:
+            failures: list[BaseException] = []
             try:
                 with anyio.fail_after(BLOCK + self.connect_timeout):
-                    found = await client.xread({self.reply_key: last}, count=100, block=int(BLOCK * 1000))
-                    if not found and not await client.expire(self.reply_key, int(self.reply_ttl) + 1):
-                        self._log.warning("The reply stream was gone (Redis restarted?): opened again")
-                        last = await self._open_replies()
-            except CONNECTION_ERRORS:
-                _forget_failed_connections()
+                    found = await client.xread({self.reply_key: self._last}, count=100, block=int(BLOCK * 1000))
+                    if not found:
+                        await client.expire(self.reply_key, int(self.reply_ttl) + 1)
+            except CONNECTION_ERRORS as error:
+                failures.append(error)
+            if failures:
+                let_go(failures)  # out of the except block, which holds the error
                 await anyio.sleep(backoff.delay())
                 continue
             backoff.reset()
             for entry in (found or {}).get(self.reply_key, ()):
-                last = entry.identifier
+                self._last = entry.identifier
                 if OPENED in entry.field_values:
                     continue
                 try:

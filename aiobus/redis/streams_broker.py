@@ -12,8 +12,9 @@ Every broker of a name is a consumer of one group on the stream ``{prefix}:{name
    (:attr:`StreamLink.deliveries`) above 1: at-least-once, and a broker can tell a retry;
 3. entries that are not messages of ours (foreign, malformed, oversized) are acknowledged
    and dropped, counted and logged without their payload;
-4. a reply goes to the stream of the sender of the message in hand, only while that stream
-   exists (the sender is open), trimmed to about ``maxlen`` entries.
+4. a reply goes to the stream of the sender of the message in hand, trimmed to about
+   ``maxlen`` entries, which expires ``reply_ttl`` seconds after its last use (the sender
+   deletes it as it closes).
 
 The bus's stop ends the function's iteration after the message in hand, whose ack is sent; the
 entries of the batch not handed out yet are released at once for another broker to claim.
@@ -34,12 +35,12 @@ from anyio.abc import ObjectReceiveStream
 
 from aiobus import Bus, EndOfLink, check_seconds
 
-from ._connect import CONNECTION_ERRORS, Backoff, RedisUnavailable, _forget_failed_connections, connect
+from ._connect import CONNECTION_ERRORS, Backoff, RedisUnavailable, connect
 from ._envelope import FIELD, MAX_MESSAGE_SIZE, Dropped, Envelope, Keys, decode, encode, new_origin
-from .streams import BLOCK, MAXLEN, persist, trimmed
+from .streams import BLOCK, MAXLEN, let_go, persist, redis_url, trimmed
 
 #: What leaving the group tidy may meet; it is given up then.
-_TIDYING_ERRORS: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, coredis.exceptions.ResponseError)
+_TIDYING_ERRORS: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, coredis.exceptions.RedisError)
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,7 @@ class StreamBrokerStatistics:
     ``redelivered``: those handed with a delivery count above 1; ``claimed``: entries taken
     over from other consumers; ``dropped``: foreign, malformed or oversized entries;
     ``trimmed``: pending entries trimmed away before any broker was done with them;
-    ``replies``: replies sent; ``replies_dropped``: replies whose sender had gone.
+    ``replies``: replies sent.
     """
 
     received: int
@@ -60,7 +61,6 @@ class StreamBrokerStatistics:
     dropped: int
     trimmed: int
     replies: int
-    replies_dropped: int
 
 
 @dataclass
@@ -142,22 +142,26 @@ class StreamLink(ObjectReceiveStream[Any]):
             TypeError: ``obj`` is not JSON-serializable; ValueError: it is too large.
             RedisUnavailable: Redis did not take it within ``send_timeout`` seconds.
 
-        A reply to a sender that has closed is dropped and counted. Cancelled: the reply may
-        or may not have been sent.
+        The sender's reply stream is trimmed to about ``maxlen`` entries and expires
+        ``reply_ttl`` seconds after the last reply if its sender has gone. Cancelled: the reply
+        may or may not have been sent.
         """
         entry, broker = self._current, self._broker
         if entry is None:
             raise RuntimeError("a reply goes to the sender of the message in hand: none is")
         _, text = encode(obj, broker.consumer, "", broker.max_message_size, message_id=entry.envelope.id)
 
-        async def add() -> Any:
-            key = entry.envelope.reply
-            return await self._client.xadd(key, {FIELD: text}, nomkstream=True, **trimmed(broker.maxlen))
+        key = entry.envelope.reply
 
-        if await persist(add, broker.url, broker.send_timeout, broker.connect_timeout) is None:
-            broker._replies_dropped += 1
-        else:
-            broker._replies += 1
+        async def add() -> Any:
+            return await self._client.xadd(key, {FIELD: text}, **trimmed(broker.maxlen))
+
+        async def lease() -> Any:
+            return await self._client.expire(key, int(broker.reply_ttl) + 1)
+
+        await persist(add, broker.url, broker.send_timeout, broker.connect_timeout)
+        broker._replies += 1
+        await persist(lease, broker.url, broker.send_timeout, broker.connect_timeout)  # apart: no reply twice
 
     async def aclose(self) -> None:
         """Take no more messages; the one in hand counts as done with."""
@@ -211,21 +215,26 @@ class StreamLink(ObjectReceiveStream[Any]):
         """Fill the buffer: entries left by others first (when due), else new ones."""
         broker = self._broker
         backoff = Backoff(most=2.0)
-        while not self._buffer:
+        regroup = False
+        while True:
+            failures: list[BaseException] = []
             try:
                 with anyio.fail_after(BLOCK + broker.connect_timeout):
+                    if regroup:  # the server restarted empty, or someone deleted the stream
+                        await broker._create_group(self._client)
+                        regroup = False
                     if anyio.current_time() - self._last_claim >= broker.claim_after / 4:
                         await self._claim()
                     if not self._buffer:
                         await self._read_new()
                 return
-            except coredis.exceptions.ResponseError as error:
-                if "NOGROUP" not in str(error) and "consumer group" not in str(error):
-                    raise
-                await broker._create_group(self._client)  # the server restarted empty, or a key was deleted
-            except CONNECTION_ERRORS:
-                _forget_failed_connections()
-                await anyio.sleep(backoff.delay())
+            except coredis.exceptions.StreamConsumerGroupError:  # NOGROUP
+                regroup = True
+                continue
+            except CONNECTION_ERRORS as error:
+                failures.append(error)
+            let_go(failures)  # out of the except block, which holds the error
+            await anyio.sleep(backoff.delay())
 
     async def _read_new(self) -> None:
         broker = self._broker
@@ -283,8 +292,10 @@ class StreamBroker:
     Once the bus started, ``fn`` is awaited with the bus and a :class:`StreamLink`; many
     brokers of one name, on any hosts, share the messages (each goes to one of them). The
     bus's stop ends ``async for msg in link`` after the message in hand; a graceful (reload)
-    does too, and ``fn`` then runs again with a new link. If ``fn`` raises, the bus exits with
-    code 70, the message in hand left to another broker.
+    does too, and ``fn`` then runs again with a new link. If ``fn`` raises
+    :class:`RedisUnavailable` (a reply Redis did not take within ``send_timeout``), that is
+    logged and ``fn`` runs again with a new link; if it raises anything else, the bus exits
+    with code 70. Either way the message in hand stays pending, to be claimed again.
 
     Connecting is part of the bus's start: a wrong password or an absent server fails the
     start with :class:`RedisUnavailable` (the password hidden). Later, while Redis is away or
@@ -293,7 +304,8 @@ class StreamBroker:
 
     Args:
         bus: this process's bus.
-        url: the Redis URL (credentials in it, or in the environment through it; never logged).
+        url: the Redis URL; None: the one in the environment variable ``AIOBUS_REDIS_URL``
+            (credentials come from there only; they are never logged).
         name: the brokers' name, as the senders give it.
         fn: ``async def fn(bus, link)``.
         prefix: the first part of every key.
@@ -307,12 +319,13 @@ class StreamBroker:
         connect_timeout: seconds to connect, and for each command's answer.
         send_timeout: seconds a reply (or an ack) keeps trying while Redis is away.
         max_message_size: the largest envelope read or sent, in bytes (JSON).
+        reply_ttl: seconds a reply stream is kept after the last reply, if its sender is gone.
     """
 
     def __init__(
         self,
         bus: Bus,
-        url: str,
+        url: str | None,
         name: str,
         fn: Callable[[Bus, StreamLink], Any],
         *,
@@ -325,13 +338,14 @@ class StreamBroker:
         connect_timeout: float = 5.0,
         send_timeout: float = 10.0,
         max_message_size: int = MAX_MESSAGE_SIZE,
+        reply_ttl: float = 3600.0,
     ) -> None:
         if not callable(fn):
             raise TypeError(f"fn must be an async function, not {type(fn).__name__}")
         if batch < 1 or maxlen < 1 or max_message_size < 1:
             raise ValueError("batch, maxlen and max_message_size must be 1 or more")
         self.bus = bus
-        self.url = url
+        self.url = redis_url(url)
         self.keys = Keys(prefix, name)
         self.fn = fn
         self.group = group
@@ -339,15 +353,16 @@ class StreamBroker:
         self.claim_after = check_seconds("claim_after", claim_after)
         self.connect_timeout = check_seconds("connect_timeout", connect_timeout)
         self.send_timeout = check_seconds("send_timeout", send_timeout)
+        self.reply_ttl = check_seconds("reply_ttl", reply_ttl)
         self.batch = batch
         self.maxlen = maxlen
         self.max_message_size = max_message_size
         self._link: StreamLink | None = None
         self._stopping = False
         self._reload = False
-        self._done = anyio.Event()
+        self._done: anyio.Event | None = None  # set once fn has returned; None: never started
         self._received = self._acknowledged = self._redelivered = self._claimed = 0
-        self._dropped = self._trimmed = self._replies = self._replies_dropped = 0
+        self._dropped = self._trimmed = self._replies = 0
 
     def subscribe(self) -> None:
         self.bus.subscribe("start", self.start)
@@ -362,16 +377,16 @@ class StreamBroker:
     def statistics(self) -> StreamBrokerStatistics:
         return StreamBrokerStatistics(
             self._received, self._acknowledged, self._redelivered, self._claimed,
-            self._dropped, self._trimmed, self._replies, self._replies_dropped,
+            self._dropped, self._trimmed, self._replies,
         )  # fmt: skip
 
     async def start(self) -> None:
         """Connect (a failure fails the bus's start), make the group if need be, run ``fn``."""
         self._stopping = False
-        self._done = anyio.Event()
+        self._done = done = anyio.Event()
         ready = anyio.Event()
         failure: list[BaseException] = []
-        self.bus.start_soon(self._serve, ready, failure, name=f"aiobus stream broker {self.keys.name}")
+        self.bus.start_soon(self._serve, ready, done, failure, name=f"aiobus stream broker {self.keys.name}")
         await ready.wait()
         if failure:
             raise failure[0]
@@ -381,7 +396,8 @@ class StreamBroker:
         self._stopping = True
         if self._link is not None:
             self._link._end()
-        await self._done.wait()
+        if self._done is not None:
+            await self._done.wait()
 
     async def graceful(self) -> None:
         """End ``fn``'s iteration after the message in hand; ``fn`` then runs again."""
@@ -389,7 +405,7 @@ class StreamBroker:
             self._reload = True
             self._link._end()
 
-    async def _serve(self, ready: anyio.Event, failure: list[BaseException]) -> None:
+    async def _serve(self, ready: anyio.Event, done: anyio.Event, failure: list[BaseException]) -> None:
         try:
             try:
                 async with connect(self.url, timeout=self.connect_timeout) as client:
@@ -397,13 +413,13 @@ class StreamBroker:
                     ready.set()
                     self.bus.log(f"Stream broker {self.keys.name} serving", consumer=self.consumer, group=self.group)
                     await self._run(client)
-            except RedisUnavailable as error:
+            except Exception as error:
                 if ready.is_set():
                     raise
-                failure.append(error)
+                failure.append(error)  # the bus's start fails with it
         finally:
             ready.set()
-            self._done.set()
+            done.set()
 
     async def _run(self, client: Any) -> None:
         while not self._stopping:
@@ -412,23 +428,28 @@ class StreamBroker:
             try:
                 await self.fn(self.bus, link)
                 await link.aclose()
+            except RedisUnavailable as error:  # a reply that Redis did not take in time
+                text = f"Stream broker {self.keys.name}: {error}; the message in hand will be delivered again"
+                self.bus.log(text, logging.WARNING)
+                self._reload = True
             finally:
                 self._link = None
                 with anyio.CancelScope(shield=True):
                     await link._finish()
             if not (self._reload or self._stopping):
                 return  # fn returned by itself: nothing more to do until the bus stops
+        failures: list[BaseException] = []
         with anyio.CancelScope(shield=True), anyio.move_on_after(self.connect_timeout):
             try:  # a consumer with nothing pending leaves the group tidy
                 pending = await client.xpending(self.keys.requests, self.group, "-", "+", 1, consumer=self.consumer)
                 if not pending:
                     await client.xgroup_delconsumer(self.keys.requests, self.group, self.consumer)
-            except _TIDYING_ERRORS:
-                _forget_failed_connections()
+            except _TIDYING_ERRORS as error:
+                failures.append(error)
+        let_go(failures)
 
     async def _create_group(self, client: Any) -> None:
         try:
             await client.xgroup_create(self.keys.requests, self.group, "0", mkstream=True)
-        except coredis.exceptions.ResponseError as error:
-            if "BUSYGROUP" not in str(error):
-                raise
+        except coredis.exceptions.StreamDuplicateConsumerGroupError:
+            pass  # another broker made it
