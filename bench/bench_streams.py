@@ -148,7 +148,7 @@ async def main(args: argparse.Namespace) -> None:
                 drains[(kind, consumers)].append(drain)
 
         def rate(values: list[float]) -> float:
-            return args.messages / statistics.median(values)
+            return float(args.messages / statistics.median(values))
 
         rows = []
         for case in cases:
