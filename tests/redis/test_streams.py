@@ -203,3 +203,51 @@ class TestEnvelopes:
         [record] = log_recorder.matching("an entry was dropped")
         assert f"an entry was dropped ({reason})" in record.msg
         assert "y" * 100 not in repr(record)
+
+
+class TestBounds:
+    async def test_the_requests_stream_is_trimmed_to_about_maxlen(self, shared_redis: str, prefix: str) -> None:
+        """With no broker reading, 2 000 messages leave about maxlen entries (MAXLEN ~), not 2 000."""
+        async with RemoteBroker(shared_redis, "broker", prefix=prefix, maxlen=100) as remote:
+            for i in range(2000):
+                await remote.send(i)
+            async with connect(shared_redis) as client:
+                length = await client.xlen(f"{prefix}:broker:requests")
+        assert 100 <= length <= 300  # trimmed by whole nodes of the stream, about
+
+    async def test_statistics_count_what_was_sent_and_received(self, shared_redis: str, prefix: str) -> None:
+        """A sender counts its messages and replies; a broker what it received and acknowledged."""
+        remote = RemoteBroker(shared_redis, "broker", prefix=prefix)
+        async with serving(shared_redis, prefix) as broker, remote:
+            for i in range(3):
+                await remote.send(i)
+            with anyio.fail_after(30):
+                for _ in range(3):
+                    await remote.receive()
+        assert (3, 3, 0) == (remote.statistics().sent, remote.statistics().replies, remote.statistics().dropped)
+        stats = broker.statistics()
+        assert (3, 3, 3, 0) == (stats.received, stats.acknowledged, stats.replies, stats.redelivered)
+
+
+class TestGraceful:
+    async def test_graceful_ends_the_loop_and_runs_the_function_again(self, shared_redis: str, prefix: str) -> None:
+        """A graceful (reload) ends ``async for`` after the message in hand; the function runs again
+        with a new link and serves the next messages."""
+        runs: list[int] = []
+
+        async def counting(bus: Bus, link: StreamLink) -> None:
+            runs.append(len(runs))
+            async for msg in link:
+                await link.send({"echo": msg, "run": runs[-1]})
+
+        async with (
+            serving(shared_redis, prefix, counting) as broker,
+            RemoteBroker(shared_redis, "broker", prefix=prefix) as remote,
+        ):
+            await remote.send("first")
+            with anyio.fail_after(30):
+                assert {"echo": "first", "run": 0} == await remote.receive()
+            await broker.bus.graceful()
+            await remote.send("second")
+            with anyio.fail_after(30):
+                assert {"echo": "second", "run": 1} == await remote.receive()
