@@ -5,7 +5,8 @@ all of this runs on asyncio and trio alike). The core of aiobus does not import 
 
 Layers: ``_connect`` (URLs, connecting, credentials kept out of logs, backoff) is shared; the
 bridge and fleet operations, and the brokers on a Stream (``_envelope``, the JSON on the wire;
-``streams``, the senders; ``streams_broker``, the brokers), are built on it and on aiobus's public API.
+``streams``, the senders; ``streams_broker``, the brokers; ``streams_link``, their functions' link),
+are built on it and on aiobus's public API.
 """
 
 from ._connect import Backoff as Backoff
@@ -16,7 +17,7 @@ from .streams import RemoteBroker as RemoteBroker
 from .streams import RemoteBrokerStatistics as RemoteBrokerStatistics
 from .streams_broker import StreamBroker as StreamBroker
 from .streams_broker import StreamBrokerStatistics as StreamBrokerStatistics
-from .streams_broker import StreamLink as StreamLink
+from .streams_link import StreamLink as StreamLink
 
 __all__ = [
     "Backoff",
