@@ -89,9 +89,14 @@ class StreamLink(ObjectReceiveStream[Any]):
                 broker._received += 1
                 broker._redelivered += entry.deliveries > 1
                 return entry.envelope.body
-            await self._flush()
             with anyio.CancelScope() as self._waiting:
-                if not self._ending:
+                if self._ending:
+                    pass
+                elif self._to_ack:  # the acks go while the next batch is read: one round trip saved
+                    async with anyio.create_task_group() as tasks:
+                        tasks.start_soon(self._flush_shielded)
+                        await self._fetch()
+                else:
                     await self._fetch()
             self._waiting = None
         await self._finish()
@@ -158,6 +163,10 @@ class StreamLink(ObjectReceiveStream[Any]):
                     self._client.xclaim, broker.keys.requests, broker.group, broker.consumer, 0, released,
                     idle=idle, justid=True,
                 )  # fmt: skip
+
+    async def _flush_shielded(self) -> None:
+        with anyio.CancelScope(shield=True):  # a stop cancels the read, never the acks
+            await self._flush()
 
     async def _flush(self) -> None:
         if self._to_ack:
