@@ -14,6 +14,8 @@ from helpers import LogRecorder
 from aiobus import Bus
 from aiobus.redis import RemoteBroker, StreamBroker, StreamLink, connect
 
+pytestmark = pytest.mark.usefixtures("no_task_leak")
+
 
 async def echo(bus: Bus, link: StreamLink) -> None:
     """Replies to each message with the message and its delivery count."""
