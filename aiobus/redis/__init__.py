@@ -11,5 +11,18 @@ from ._connect import Backoff as Backoff
 from ._connect import RedisUnavailable as RedisUnavailable
 from ._connect import connect as connect
 from ._connect import redact as redact
+from ._wire import Envelope as Envelope
+from .bridge import BridgeStatistics as BridgeStatistics
+from .bridge import RedisBridge as RedisBridge
+from .bridge import current_envelope as current_envelope
 
-__all__ = ["Backoff", "RedisUnavailable", "connect", "redact"]
+__all__ = [
+    "Backoff",
+    "BridgeStatistics",
+    "Envelope",
+    "RedisBridge",
+    "RedisUnavailable",
+    "connect",
+    "current_envelope",
+    "redact",
+]

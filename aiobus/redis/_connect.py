@@ -31,11 +31,16 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
 _FAILURES: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, coredis.exceptions.ResponseError)
 
 _SCHEMES = ("redis", "rediss", "unix")
+_REFUSED = "refused us"
 
 
 class RedisUnavailable(ConnectionError):
     """Redis could not be reached or refused us (wrong password, unknown user); the URL in the message
-    has its password hidden."""
+    has its password hidden. ``refused`` tells a refusal (retrying will not help) from an absence."""
+
+    def __init__(self, message: str, *, refused: bool = False) -> None:
+        super().__init__(message)
+        self.refused = refused
 
 
 def redact(url: str) -> str:
@@ -96,7 +101,7 @@ async def connect(url: str, *, timeout: float = 5.0) -> AsyncIterator[coredis.Re
         failure = failure or _failure(url, error)
     if failure is not None:
         _forget_failed_connections()
-        raise RedisUnavailable(failure)
+        raise RedisUnavailable(failure, refused=_REFUSED in failure)
 
 
 def _forget_failed_connections() -> None:
@@ -109,7 +114,7 @@ def _forget_failed_connections() -> None:
 
 def _failure(url: str, error: BaseException) -> str:
     if isinstance(error, coredis.exceptions.ResponseError):  # a wrong password, an unknown user...
-        return f"Redis at {redact(url)} refused us: {_reason(error)}"
+        return f"Redis at {redact(url)} {_REFUSED}: {_reason(error)}"
     return f"cannot reach Redis at {redact(url)}: {_reason(error)}"
 
 
