@@ -15,11 +15,17 @@ from ._wire import Envelope as Envelope
 from .bridge import BridgeStatistics as BridgeStatistics
 from .bridge import RedisBridge as RedisBridge
 from .bridge import current_envelope as current_envelope
+from .fleet import Fleet as Fleet
+from .fleet import FleetResult as FleetResult
+from .fleet import Presence as Presence
 
 __all__ = [
     "Backoff",
     "BridgeStatistics",
     "Envelope",
+    "Fleet",
+    "FleetResult",
+    "Presence",
     "RedisBridge",
     "RedisUnavailable",
     "connect",

@@ -45,6 +45,12 @@ from ._wire import (
 
 _T = TypeVar("_T")
 _relayed: ContextVar[Envelope | None] = ContextVar("aiobus_redis_envelope", default=None)
+#: The channel of the message being relayed until its forwarder, the first listener, has seen it:
+#: that one call is not sent back, while what the listeners publish in their turn is sent.
+_relaying: ContextVar[str | None] = ContextVar("aiobus_redis_relaying", default=None)
+#: Forwarders run first on their channel: the message leaves before the local listeners run, and a
+#: listener publishing on the same channel is not mistaken for the relayed message.
+_FORWARDER_PRIORITY = -math.inf
 #: Errors after which the connection is dropped and made again; any other is a bug, and fails the task.
 _REDIS_ERRORS: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, coredis.exceptions.RedisError)
 
@@ -134,10 +140,11 @@ class RedisBridge:
 
     A publish on an outgoing channel reaches, through Redis pub/sub, the listeners of that channel
     on every bus that has it among its incoming channels (at most once; see :class:`BridgeStatistics`
-    for what is counted instead). The arguments travel as JSON in an :class:`Envelope`: use str,
-    numbers, bools, None, lists and dicts with str keys (a tuple arrives as a list); a publish that
-    JSON cannot carry is counted and logged, not sent. Our own messages are not delivered back to
-    us, and a message received is not sent out again.
+    for what is counted instead); the forwarder runs first among the channel's listeners. The
+    arguments travel as JSON in an :class:`Envelope`: use str, numbers, bools, None, lists and dicts
+    with str keys (a tuple arrives as a list); a publish that JSON cannot carry is counted and
+    logged, not sent. Our own messages are not delivered back to
+    us, and a message received is not sent out again (what its listeners publish in turn is).
 
     Channels: ``start`` (priority 40) connects; a refusal (a wrong password, an unknown user) fails
     the start with :class:`RedisUnavailable`, while an absent server is retried in the background.
@@ -228,7 +235,7 @@ class RedisBridge:
         for channel, listener in self._lifecycle():
             self.bus.subscribe(channel, listener)
         for channel, forwarder in self._forwarders.items():
-            self.bus.subscribe(channel, forwarder)
+            self.bus.subscribe(channel, forwarder, priority=_FORWARDER_PRIORITY)
 
     def unsubscribe(self) -> None:
         """Unsubscribe, and cancel the connection task without waiting for it."""
@@ -305,8 +312,9 @@ class RedisBridge:
     # -- outgoing: never waits --------------------------------------------------------------
 
     def _forward(self, channel: str, *args: Any, **kwargs: Any) -> None:
-        if _relayed.get() is not None:
-            return  # it came from another bus: not sent back
+        if _relaying.get() == channel:
+            _relaying.set(None)  # the relayed message itself, from another bus: not sent back
+            return
         seq = self._seqs[channel] = self._seqs.get(channel, 0) + 1  # a message not sent leaves a gap
         if not self._connected:
             self._not_sent("away", channel, "Redis is away")
@@ -525,12 +533,13 @@ class RedisBridge:
             if not inbox.items:
                 continue
             envelope = inbox.items.popleft()
-            token = _relayed.set(envelope)
+            token, guard = _relayed.set(envelope), _relaying.set(envelope.channel)
             try:
                 await self.bus.publish(envelope.channel, *envelope.args, **envelope.kwargs)
             except ChannelFailures:
                 pass  # each failure is logged by the bus
             finally:
+                _relaying.reset(guard)
                 _relayed.reset(token)
             self._received += 1
 
