@@ -177,3 +177,94 @@ class TestPresence:
 
         assert ("a", "STARTED", "default") == (record["node"], record["state"], record["group"])
         assert 0 < ttl <= 5000
+
+
+def envelope(prefix: str, **changes: Any) -> str:
+    """A valid envelope on channel ``x`` from node ``stranger``, with ``changes`` applied (None deletes)."""
+    document: dict[str, Any] = {
+        "v": 1,
+        "prefix": prefix,
+        "channel": "x",
+        "origin": "stranger",
+        "seq": 1,
+        "time": 1.5,
+        "args": ["ok"],
+        "kwargs": {},
+    }
+    document.update(changes)
+    return json.dumps({key: value for key, value in document.items() if value is not None})
+
+
+class TestHostileEnvelopes:
+    async def test_malformed_oversized_and_foreign_envelopes_are_dropped_counted_and_logged(
+        self, shared_redis: str, prefix: str
+    ) -> None:
+        """Each bad message is dropped under its reason and logged without its payload; the good one after
+        them all is delivered, and the bridge goes on."""
+        recorder = LogRecorder()
+        bad: dict[str, list[str | bytes]] = {
+            "malformed": [
+                "not json SECRET-PAYLOAD",
+                b"\xff\xfe SECRET-PAYLOAD",
+                "[1, 2]",
+                "NaN",
+                envelope(prefix, seq=0),
+                envelope(prefix, seq=True),
+                envelope(prefix, origin=None),
+                envelope(prefix, origin="has space"),
+                envelope(prefix, time="late"),
+                envelope(prefix, args={"a": 1}),
+                envelope(prefix, kwargs={"channel": "y"}),
+                envelope(prefix, channel="y"),  # bridged in, but sent on channel x
+                '{"v": 1, "prefix": "' + prefix + '", "channel": "x", "time": Infinity}',
+            ],
+            "too_large": [envelope(prefix, args=["SECRET-PAYLOAD" * 5000])],
+            "foreign": [envelope(prefix, v=2), envelope(prefix + "-other"), '{"hello": "SECRET-PAYLOAD"}'],
+            "unknown_channel": [envelope(prefix, channel="z")],
+        }
+        async with (
+            connect(shared_redis) as client,
+            bridged(shared_redis, "a", prefix, recorder, incoming=["x", "y"], max_envelope=4096) as (bus, bridge),
+        ):
+            inbox = Inbox()
+            bus.subscribe("x", inbox)
+            for messages in bad.values():
+                for message in messages:
+                    await client.publish(f"{prefix}:channel:x", message)
+            await client.publish(f"{prefix}:channel:x", envelope(prefix, args=["good"]))
+            await inbox.wait(1)
+
+        assert [(("good",), {})] == [(args, kwargs) for args, kwargs, _ in inbox.calls]
+        assert {reason: len(messages) for reason, messages in bad.items()} == dict(bridge.statistics().dropped)
+        dropped = recorder.matching("Dropped a message")
+        assert {"malformed", "too_large", "foreign", "unknown_channel"} == {r.fields["reason"] for r in dropped}
+        assert not [r for r in recorder.records if "SECRET-PAYLOAD" in r.msg + json.dumps(r.fields, default=str)]
+
+    async def test_a_gap_in_an_origin_s_sequence_is_stated_as_missed(self, shared_redis: str, prefix: str) -> None:
+        """Sequence 1 then 4 from one origin: 2 messages missed, logged with the origin; nothing invented."""
+        recorder = LogRecorder()
+        async with (
+            connect(shared_redis) as client,
+            bridged(shared_redis, "a", prefix, recorder, incoming=["x"]) as (bus, bridge),
+        ):
+            inbox = Inbox()
+            bus.subscribe("x", inbox)
+            for seq in (1, 4):
+                await client.publish(f"{prefix}:channel:x", envelope(prefix, seq=seq))
+            await inbox.wait(2)
+
+        assert {"stranger": 2} == dict(bridge.statistics().missed)
+        [missed] = recorder.matching("Missed")
+        assert "Missed 2 message(s) on channel 'x' from stranger (sequence 1, then 4)" == missed.msg
+
+    async def test_what_json_cannot_carry_is_counted_not_sent(self, shared_redis: str, prefix: str) -> None:
+        """A set, NaN or an envelope over the limit: the publish returns, the message is counted, not sent."""
+        recorder = LogRecorder()
+        async with bridged(shared_redis, "a", prefix, recorder, outgoing=["x"], max_envelope=1024) as (bus, bridge):
+            await bus.publish("x", {1, 2})
+            await bus.publish("x", float("nan"))
+            await bus.publish("x", "y" * 2000)
+
+        assert {"unencodable": 2, "too_large": 1} == dict(bridge.statistics().not_bridged)
+        assert 0 == bridge.statistics().sent
+        assert recorder.matching("was not sent")
