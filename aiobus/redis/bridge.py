@@ -213,7 +213,6 @@ class RedisBridge:
         self._presence_key = presence_key(self.prefix, self.group, self.node)
         self._forwarders = {c: functools.partial(self._forward, c) for c in self.outgoing}
         self._outbox: _Queue[tuple[str, str]] = _Queue(buffer)
-        self._inbox: _Queue[Envelope] = _Queue(buffer)
         self._run: _Run | None = None
         self._connected = False
         self._seqs: dict[str, int] = {}
@@ -346,10 +345,7 @@ class RedisBridge:
     async def _task(self, run: _Run) -> None:
         try:
             with run.scope:
-                async with anyio.create_task_group() as group:
-                    group.start_soon(self._relay)
-                    await self._connection(run)
-                    group.cancel_scope.cancel()
+                await self._connection(run)
         finally:
             self._connected = False
             run.first.set()
@@ -447,7 +443,9 @@ class RedisBridge:
                 continue
             channel, data = outbox.items.popleft()
             try:
-                await self._command(client.publish(channel_key(self.prefix, channel), data))
+                # No deadline of its own (that is the hot path): a silent server fails the presence
+                # refresh within `timeout`, which ends the session and this publish with it.
+                await client.publish(channel_key(self.prefix, channel), data)
             except BaseException:
                 self._not_bridged["failed"] = self._not_bridged.get("failed", 0) + 1
                 raise
@@ -497,8 +495,7 @@ class RedisBridge:
                 self._echoes += 1
                 continue
             self._track(envelope)
-            if not self._inbox.put_nowait(envelope):
-                self._drop("overflow", key, f"the local listeners are {self._inbox.size} messages behind")
+            await self._relay(envelope)
 
     def _drop(self, reason: str, key: str, why: str) -> None:
         self._dropped[reason] = self._dropped.get(reason, 0) + 1
@@ -525,23 +522,17 @@ class RedisBridge:
             missed=gap,
         )
 
-    async def _relay(self) -> None:
-        """Publish the received envelopes on the local bus, one after another."""
-        inbox = self._inbox
-        while True:
-            await inbox.wait()
-            if not inbox.items:
-                continue
-            envelope = inbox.items.popleft()
-            token, guard = _relayed.set(envelope), _relaying.set(envelope.channel)
-            try:
-                await self.bus.publish(envelope.channel, *envelope.args, **envelope.kwargs)
-            except ChannelFailures:
-                pass  # each failure is logged by the bus
-            finally:
-                _relaying.reset(guard)
-                _relayed.reset(token)
-            self._received += 1
+    async def _relay(self, envelope: Envelope) -> None:
+        """Publish a received envelope on the local bus (the next ones wait in the client's buffer)."""
+        token, guard = _relayed.set(envelope), _relaying.set(envelope.channel)
+        try:
+            await self.bus.publish(envelope.channel, *envelope.args, **envelope.kwargs)
+        except ChannelFailures:
+            pass  # each failure is logged by the bus
+        finally:
+            _relaying.reset(guard)
+            _relayed.reset(token)
+        self._received += 1
 
     # -- fleet operations -------------------------------------------------------------------
 
