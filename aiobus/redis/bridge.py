@@ -74,8 +74,7 @@ class BridgeStatistics:
             (the send buffer was full), ``too_large``, ``unencodable`` (not JSON), ``failed`` (the
             connection broke while sending: it may or may not have reached Redis).
         dropped: envelopes from Redis not delivered, by reason: ``malformed``, ``too_large``,
-            ``foreign`` (another version or prefix), ``unknown_channel``, ``overflow`` (the local
-            listeners were too slow).
+            ``foreign`` (another version or prefix), ``unknown_channel``.
         missed: messages of other buses that never reached us, by origin node, from the gaps in
             their sequence numbers (what was published while we were away shows at the next
             message of that origin and channel).
@@ -163,8 +162,9 @@ class RedisBridge:
         prefix: the deployment's key prefix: buses with another prefix do not hear each other.
         group: the fleet group this bus belongs to.
         max_envelope: the largest envelope sent or accepted, in bytes of JSON.
-        buffer: envelopes waiting to be sent (and received ones waiting for the local listeners)
-            beyond which more are counted as ``overflow`` and dropped.
+        buffer: envelopes waiting to be sent beyond which more are counted as ``overflow`` and
+            dropped. Received envelopes are published here one after another, as they come: while
+            the local listeners run, the next ones wait in the Redis client's buffer.
         timeout: seconds for connecting and for each command; a server silent longer counts as away.
         presence_ttl: seconds the presence key lives without a refresh (at least 3 main intervals).
         fleet: whether to answer fleet operations (anyone who may publish on the deployment's
