@@ -16,6 +16,7 @@ import socket
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
+from contextlib import AsyncExitStack
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -45,9 +46,10 @@ from ._wire import (
 
 _T = TypeVar("_T")
 _relayed: ContextVar[Envelope | None] = ContextVar("aiobus_redis_envelope", default=None)
-#: The channel of the message being relayed until its forwarder, the first listener, has seen it:
-#: that one call is not sent back, while what the listeners publish in their turn is sent.
-_relaying: ContextVar[str | None] = ContextVar("aiobus_redis_relaying", default=None)
+#: The bridge (its id) and channel of the message being relayed, until that bridge's forwarder, the
+#: first listener, has seen it: that one call is not sent back, while what the listeners publish in
+#: their turn is sent (and so is the message by another bridge of the bus, to another deployment).
+_relaying: ContextVar[tuple[int, str] | None] = ContextVar("aiobus_redis_relaying", default=None)
 #: Forwarders run first on their channel: the message leaves before the local listeners run, and a
 #: listener publishing on the same channel is not mistaken for the relayed message.
 _FORWARDER_PRIORITY = -math.inf
@@ -311,7 +313,7 @@ class RedisBridge:
     # -- outgoing: never waits --------------------------------------------------------------
 
     def _forward(self, channel: str, *args: Any, **kwargs: Any) -> None:
-        if _relaying.get() == channel:
+        if _relaying.get() == (id(self), channel):
             _relaying.set(None)  # the relayed message itself, from another bus: not sent back
             return
         seq = self._seqs[channel] = self._seqs.get(channel, 0) + 1  # a message not sent leaves a gap
@@ -396,13 +398,10 @@ class RedisBridge:
 
     async def _session(self, client: coredis.Redis[str], run: _Run, away_since: float | None, attempts: int) -> None:
         """Subscribe, then send, receive and keep the presence key until the exit; errors end it."""
-        keys = [*self._keys, *([self._fleet_key] if self.fleet else [])]
-        async with client.pubsub(
-            channels=keys or None,
-            ignore_subscribe_messages=True,
-            retry_policy=NoRetryPolicy(),  # reconnected here, with our backoff and counts
-            subscription_timeout=self.timeout,
-        ) as pubsub:
+        async with AsyncExitStack() as stack:
+            # Both subscribed before the bus counts as connected: nothing sent after it is missed.
+            bridged = await stack.enter_async_context(self._subscription(client, *self._keys)) if self._keys else None
+            fleet = await stack.enter_async_context(self._subscription(client, self._fleet_key)) if self.fleet else None
             await self._write_presence(client)
             self._connected = True
             run.first.set()
@@ -419,8 +418,10 @@ class RedisBridge:
                     not_bridged=unsent,
                 )
             async with anyio.create_task_group() as group:
-                if keys:
-                    group.start_soon(self._receive, client, pubsub)
+                if bridged is not None:
+                    group.start_soon(self._receive, client, bridged)
+                if fleet is not None:  # on a connection of its own: slow listeners do not hold it up
+                    group.start_soon(self._answer_fleet, client, fleet)
                 group.start_soon(self._keep_presence, client, run)
                 await self._send(client, run)
                 group.cancel_scope.cancel()
@@ -484,10 +485,7 @@ class RedisBridge:
                 continue
             key, data = message["channel"], message["data"]
             try:
-                if key == self._fleet_key:
-                    await self._fleet_request(client, FleetRequest.decode(data, self.prefix, self.max_envelope))
-                    continue
-                envelope = Envelope.decode(data, self.prefix, self.max_envelope, self.incoming, self._keys[key])
+                envelope = Envelope.decode(data, self.prefix, self.max_envelope, self.incoming, self._keys.get(key, ""))
             except Dropped as drop:
                 self._drop(drop.reason, key, str(drop))
                 continue
@@ -496,6 +494,7 @@ class RedisBridge:
                 continue
             self._track(envelope)
             await self._relay(envelope)
+        raise coredis.exceptions.ConnectionError("the subscription ended")  # made again with the connection
 
     def _drop(self, reason: str, key: str, why: str) -> None:
         self._dropped[reason] = self._dropped.get(reason, 0) + 1
@@ -524,7 +523,7 @@ class RedisBridge:
 
     async def _relay(self, envelope: Envelope) -> None:
         """Publish a received envelope on the local bus (the next ones wait in the client's buffer)."""
-        token, guard = _relayed.set(envelope), _relaying.set(envelope.channel)
+        token, guard = _relayed.set(envelope), _relaying.set((id(self), envelope.channel))
         try:
             await self.bus.publish(envelope.channel, *envelope.args, **envelope.kwargs)
         except ChannelFailures:
@@ -535,6 +534,27 @@ class RedisBridge:
         self._received += 1
 
     # -- fleet operations -------------------------------------------------------------------
+
+    def _subscription(self, client: coredis.Redis[str], *keys: str) -> Any:
+        """A pub/sub connection subscribed to ``keys``: ``async with`` it."""
+        return client.pubsub(
+            channels=keys,
+            ignore_subscribe_messages=True,
+            retry_policy=NoRetryPolicy(),  # reconnected by _connection, with our backoff and counts
+            subscription_timeout=self.timeout,
+        )
+
+    async def _answer_fleet(self, client: coredis.Redis[str], pubsub: Any) -> None:
+        async for message in pubsub:
+            if message["type"] != "message":
+                continue
+            try:
+                request = FleetRequest.decode(message["data"], self.prefix, self.max_envelope)
+            except Dropped as drop:
+                self._drop(drop.reason, self._fleet_key, str(drop))
+                continue
+            await self._fleet_request(client, request)
+        raise coredis.exceptions.ConnectionError("the subscription ended")
 
     async def _fleet_request(self, client: coredis.Redis[str], request: FleetRequest) -> None:
         if request.nodes is not None and self.node not in request.nodes:

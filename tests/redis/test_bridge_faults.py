@@ -4,6 +4,7 @@ users, a wrong password."""
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import signal
@@ -146,6 +147,7 @@ class TestRedisPaused:
         assert 1 <= not_bridged["away"]
         child.send(signal.SIGTERM)
         assert 0 == child.wait(), child.output
+        gc.collect()  # the attempts that timed out left no stream open to warn about (warnings are errors)
 
 
 class TestThreeProcesses:
@@ -234,3 +236,25 @@ class TestCredentials:
         assert 70 == child.wait(), child.output
         assert "refused us" in child.output
         assert "wrong-pw-5678" not in child.output and "Traceback" not in child.output
+
+
+class TestAbsentAtStart:
+    async def test_a_server_absent_at_the_start_is_waited_for_in_the_background(
+        self, own_redis: RedisServer, log_recorder: LogRecorder
+    ) -> None:
+        """The bus starts without Redis, its bridged publishes counted as away; once the server is up,
+        the bridge connects by itself."""
+        own_redis.kill()
+        async with Bus() as bus:
+            bus.subscribe("log", log_recorder)
+            bridge = RedisBridge(bus, own_redis.url, prefix="p", outgoing=["x"], timeout=2)
+            bridge.subscribe()
+            await bus.start()
+            await bus.publish("x", 1)
+            connected_at_first = bridge.statistics().connected
+            own_redis.start()
+            await log_recorder.wait_for("Redis back", 60)
+
+        assert not connected_at_first
+        assert 1 == bridge.statistics().not_bridged["away"]
+        assert log_recorder.matching("cannot reach Redis")
