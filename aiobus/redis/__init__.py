@@ -11,8 +11,8 @@ from ._connect import Backoff as Backoff
 from ._connect import RedisUnavailable as RedisUnavailable
 from ._connect import connect as connect
 from ._connect import redact as redact
+from ._ledger import BridgeStatistics as BridgeStatistics
 from ._wire import Envelope as Envelope
-from .bridge import BridgeStatistics as BridgeStatistics
 from .bridge import RedisBridge as RedisBridge
 from .bridge import current_envelope as current_envelope
 from .fleet import Fleet as Fleet

@@ -15,11 +15,10 @@ import os
 import socket
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from contextlib import AsyncExitStack
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from types import MappingProxyType
 from typing import Any, Generic, TypeVar
 
 import anyio
@@ -30,6 +29,7 @@ from coredis.retry import NoRetryPolicy
 from aiobus import Bus, ChannelFailures, State, StateError, check_seconds, priority
 
 from ._connect import CONNECTION_ERRORS, Backoff, RedisUnavailable, _forget_failed_connections, connect, redact
+from ._ledger import BridgeStatistics, Ledger
 from ._wire import (
     Dropped,
     Envelope,
@@ -61,38 +61,6 @@ def current_envelope() -> Envelope | None:
     """In a listener called for a message from another bus, that message's :class:`Envelope` (origin,
     sequence, time); None in any other call."""
     return _relayed.get()
-
-
-@dataclass(frozen=True)
-class BridgeStatistics:
-    """A snapshot of a bridge's counters, from :meth:`RedisBridge.statistics`.
-
-    Attributes:
-        connected: whether the bridge is connected to Redis now.
-        sent: envelopes published to Redis (the server acknowledged them).
-        received: envelopes from other buses published on the local bus.
-        echoes: our own envelopes coming back from Redis, skipped.
-        not_bridged: local publishes not sent, by reason: ``away`` (Redis was away), ``overflow``
-            (the send buffer was full), ``too_large``, ``unencodable`` (not JSON), ``failed`` (the
-            connection broke while sending: it may or may not have reached Redis).
-        dropped: envelopes from Redis not delivered, by reason: ``malformed``, ``too_large``,
-            ``foreign`` (another version or prefix), ``unknown_channel``.
-        missed: messages of other buses that never reached us, by origin node, from the gaps in
-            their sequence numbers (what was published while we were away shows at the next
-            message of that origin and channel).
-        reconnects: connections made again after one was lost.
-        fleet_requests: fleet operations answered.
-    """
-
-    connected: bool
-    sent: int
-    received: int
-    echoes: int
-    not_bridged: Mapping[str, int]
-    dropped: Mapping[str, int]
-    missed: Mapping[str, int]
-    reconnects: int
-    fleet_requests: int
 
 
 class _Queue(Generic[_T]):
@@ -211,6 +179,7 @@ class RedisBridge:
         self.presence_ttl = check_seconds("presence_ttl", presence_ttl, positive=True)
         self.fleet = fleet
         self._keys = {channel_key(self.prefix, c): c for c in self.incoming}
+        self._outgoing_keys = {c: channel_key(self.prefix, c) for c in self.outgoing}
         self._fleet_key = fleet_channel(self.prefix, self.group)
         self._presence_key = presence_key(self.prefix, self.group, self.node)
         self._forwarders = {c: functools.partial(self._forward, c) for c in self.outgoing}
@@ -218,13 +187,8 @@ class RedisBridge:
         self._run: _Run | None = None
         self._connected = False
         self._seqs: dict[str, int] = {}
-        self._last_seen: dict[tuple[str, str], int] = {}
         self._presence_written = -math.inf
-        self._sent = self._received = self._echoes = self._reconnects = self._fleet_requests = 0
-        self._not_bridged: dict[str, int] = {}
-        self._dropped: dict[str, int] = {}
-        self._missed: dict[str, int] = {}
-        self._logged: dict[str, float] = {}  # the last warning of each kind (a flood logs once a second)
+        self._ledger = Ledger(bus, self.node)
 
     def __repr__(self) -> str:
         return f"<RedisBridge {self.node!r} at {redact(self.url)}>"
@@ -298,17 +262,7 @@ class RedisBridge:
 
     def statistics(self) -> BridgeStatistics:
         """The bridge's counters since it was made."""
-        return BridgeStatistics(
-            connected=self._connected,
-            sent=self._sent,
-            received=self._received,
-            echoes=self._echoes,
-            not_bridged=MappingProxyType(dict(self._not_bridged)),
-            dropped=MappingProxyType(dict(self._dropped)),
-            missed=MappingProxyType(dict(self._missed)),
-            reconnects=self._reconnects,
-            fleet_requests=self._fleet_requests,
-        )
+        return self._ledger.snapshot(self._connected)
 
     # -- outgoing: never waits --------------------------------------------------------------
 
@@ -318,29 +272,17 @@ class RedisBridge:
             return
         seq = self._seqs[channel] = self._seqs.get(channel, 0) + 1  # a message not sent leaves a gap
         if not self._connected:
-            self._not_sent("away", channel, "Redis is away")
+            self._ledger.not_sent("away", channel, "Redis is away")
             return
         try:
             data = Envelope(channel, self.node, seq, time.time(), args, kwargs).encode(self.prefix)
         except (TypeError, ValueError) as error:
-            self._not_sent("unencodable", channel, f"not JSON: {str(error)[:200]}")
+            self._ledger.not_sent("unencodable", channel, f"not JSON: {str(error)[:200]}")
             return
         if len(data) > self.max_envelope and len(data.encode()) > self.max_envelope:
-            self._not_sent("too_large", channel, f"{len(data.encode())} bytes, over {self.max_envelope}")
+            self._ledger.not_sent("too_large", channel, f"{len(data.encode())} bytes, over {self.max_envelope}")
         elif not self._outbox.put_nowait((channel, data)):
-            self._not_sent("overflow", channel, f"the send buffer of {self._outbox.size} is full")
-
-    def _not_sent(self, reason: str, channel: str, why: str) -> None:
-        self._not_bridged[reason] = self._not_bridged.get(reason, 0) + 1
-        if reason != "away":  # an outage is reported once, with its count, when Redis is back
-            self._warn(f"out:{reason}", f"A publish on bridged channel {channel!r} was not sent: {why}", channel)
-
-    def _warn(self, kind: str, message: str, channel: str | None = None, **fields: Any) -> None:
-        """Log a warning, at most once a second of each kind (a flood is counted, not logged line by line)."""
-        now = time.monotonic()
-        if now - self._logged.get(kind, -math.inf) >= 1.0:
-            self._logged[kind] = now
-            self.bus.log(message, logging.WARNING, channel=channel, node=self.node, **fields)
+            self._ledger.not_sent("overflow", channel, f"the send buffer of {self._outbox.size} is full")
 
     # -- the connection task ---------------------------------------------------------------
 
@@ -362,7 +304,7 @@ class RedisBridge:
             try:
                 async with connect(self.url, timeout=self.timeout) as client:
                     if away_since is not None:
-                        self._reconnects += 1
+                        self._ledger.reconnects += 1
                     await self._session(client, run, away_since, attempts)
                     return
             except RedisUnavailable as error:
@@ -394,7 +336,7 @@ class RedisBridge:
         self._connected = False
         while self._outbox.items:  # sent after an outage they would be stale: counted as not sent
             self._outbox.items.popleft()
-            self._not_bridged["away"] = self._not_bridged.get("away", 0) + 1
+            self._ledger.count_not_sent("away")
 
     async def _session(self, client: coredis.Redis[str], run: _Run, away_since: float | None, attempts: int) -> None:
         """Subscribe, then send, receive and keep the presence key until the exit; errors end it."""
@@ -408,7 +350,7 @@ class RedisBridge:
             if away_since is None:
                 self.bus.log(f"Bridge {self.node} connected to Redis at {redact(self.url)}", node=self.node)
             else:
-                unsent = self._not_bridged.get("away", 0)
+                unsent = self._ledger.not_bridged.get("away", 0)
                 self.bus.log(
                     f"Redis back after {time.monotonic() - away_since:.1f} s and {attempts} attempt(s); "
                     f"{unsent} publish(es) on bridged channels not sent while away so far; what other buses "
@@ -446,11 +388,11 @@ class RedisBridge:
             try:
                 # No deadline of its own (that is the hot path): a silent server fails the presence
                 # refresh within `timeout`, which ends the session and this publish with it.
-                await client.publish(channel_key(self.prefix, channel), data)
+                await client.publish(self._outgoing_keys[channel], data)
             except BaseException:
-                self._not_bridged["failed"] = self._not_bridged.get("failed", 0) + 1
+                self._ledger.count_not_sent("failed")
                 raise
-            self._sent += 1
+            self._ledger.sent += 1
 
     async def _write_presence(self, client: coredis.Redis[str]) -> None:
         ttl = max(self.presence_ttl, 3 * self.bus.main_interval)
@@ -487,39 +429,14 @@ class RedisBridge:
             try:
                 envelope = Envelope.decode(data, self.prefix, self.max_envelope, self.incoming, self._keys.get(key, ""))
             except Dropped as drop:
-                self._drop(drop.reason, key, str(drop))
+                self._ledger.drop(drop.reason, key, str(drop))
                 continue
             if envelope.origin == self.node:
-                self._echoes += 1
+                self._ledger.echoes += 1
                 continue
-            self._track(envelope)
+            self._ledger.track(envelope)
             await self._relay(envelope)
         raise coredis.exceptions.ConnectionError("the subscription ended")  # made again with the connection
-
-    def _drop(self, reason: str, key: str, why: str) -> None:
-        self._dropped[reason] = self._dropped.get(reason, 0) + 1
-        self._warn(f"in:{reason}", f"Dropped a message from Redis channel {key!r} ({reason}): {why}", reason=reason)
-
-    def _track(self, envelope: Envelope) -> None:
-        """State the messages missed from an origin: the gaps in its sequence on a channel."""
-        key = (envelope.origin, envelope.channel)
-        last = self._last_seen.get(key)
-        self._last_seen[key] = envelope.seq
-        if last is None or envelope.seq == last + 1:
-            return
-        if envelope.seq <= last:
-            self.bus.log(f"{envelope.origin} started its sequence on {envelope.channel!r} over", node=self.node)
-            return
-        gap = envelope.seq - last - 1
-        self._missed[envelope.origin] = self._missed.get(envelope.origin, 0) + gap
-        self.bus.log(
-            f"Missed {gap} message(s) on channel {envelope.channel!r} from {envelope.origin} "
-            f"(sequence {last}, then {envelope.seq})",
-            logging.WARNING,
-            channel=envelope.channel,
-            origin=envelope.origin,
-            missed=gap,
-        )
 
     async def _relay(self, envelope: Envelope) -> None:
         """Publish a received envelope on the local bus (the next ones wait in the client's buffer)."""
@@ -531,7 +448,7 @@ class RedisBridge:
         finally:
             _relaying.reset(guard)
             _relayed.reset(token)
-        self._received += 1
+        self._ledger.received += 1
 
     # -- fleet operations -------------------------------------------------------------------
 
@@ -551,7 +468,7 @@ class RedisBridge:
             try:
                 request = FleetRequest.decode(message["data"], self.prefix, self.max_envelope)
             except Dropped as drop:
-                self._drop(drop.reason, self._fleet_key, str(drop))
+                self._ledger.drop(drop.reason, self._fleet_key, str(drop))
                 continue
             await self._fleet_request(client, request)
         raise coredis.exceptions.ConnectionError("the subscription ended")
@@ -559,7 +476,7 @@ class RedisBridge:
     async def _fleet_request(self, client: coredis.Redis[str], request: FleetRequest) -> None:
         if request.nodes is not None and self.node not in request.nodes:
             return
-        self._fleet_requests += 1
+        self._ledger.fleet_requests += 1
         answer = encode_answer(self.prefix, request.id, self.node, self.bus.state.name)
         await self._command(client.publish(f"{self.prefix}:reply:{request.id}", answer))
         self.bus.log(f"Fleet request {request.op!r} answered", node=self.node, op=request.op)
