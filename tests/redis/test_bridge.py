@@ -13,7 +13,7 @@ import pytest
 from helpers import LogRecorder
 
 from aiobus import Bus
-from aiobus.redis import Envelope, RedisBridge, connect, current_envelope
+from aiobus.redis import Envelope, Fleet, RedisBridge, connect, current_envelope
 
 
 class Inbox:
@@ -268,3 +268,24 @@ class TestHostileEnvelopes:
         assert {"unencodable": 2, "too_large": 1} == dict(bridge.statistics().not_bridged)
         assert 0 == bridge.statistics().sent
         assert recorder.matching("was not sent")
+
+
+class TestTrio:
+    def test_two_buses_bridge_and_answer_the_fleet_on_trio(self, shared_redis: str, prefix: str) -> None:
+        """The bridge and the fleet use anyio only: the same works on trio."""
+
+        async def main() -> tuple[list[tuple[Any, ...]], dict[str, str]]:
+            async with (
+                bridged(shared_redis, "a", prefix, outgoing=["x"]) as (bus_a, _),
+                bridged(shared_redis, "b", prefix, incoming=["x"]) as (bus_b, _),
+            ):
+                inbox = Inbox()
+                bus_b.subscribe("x", inbox)
+                await bus_a.publish("x", 1, "one")
+                await inbox.wait(1)
+                result = await Fleet(shared_redis, prefix=prefix).status(deadline=30)
+            return [args for args, _, _ in inbox.calls], dict(result.answered)
+
+        calls, answered = anyio.run(main, backend="trio")
+
+        assert ([(1, "one")], {"a": "STARTED", "b": "STARTED"}) == (calls, answered)
