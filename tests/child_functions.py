@@ -208,3 +208,19 @@ async def report_environment(bus: Bus, link: ParentLink) -> None:
     await link.send({name: os.environ.get(name) for name in names})
     async for _ in link:
         pass
+
+
+async def report_console_modules(bus: Bus, link: ParentLink) -> None:
+    """Send whether rich was loaded with structlog, whether structlog's console renderer took it, and
+    where ``import rich`` finds it when the child's own code asks; then serve until stopped."""
+    import sys
+
+    import structlog.dev
+
+    loaded = "rich" in sys.modules
+    taken = getattr(structlog.dev, "rich", None) is not None
+    import rich  # type: ignore[import-not-found]  # a stand-in the test puts on PYTHONPATH
+
+    await link.send((loaded, taken, rich.__file__))
+    async for _ in link:
+        pass
