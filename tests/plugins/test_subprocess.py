@@ -19,7 +19,7 @@ from typing import Any
 
 import anyio
 import pytest
-from helpers import LogRecord, LogRecorder
+from helpers import LogRecord, LogRecorder, free_port
 from processes import Spawner, alive
 
 from aiobus import Bus, ChannelFailures, State, log_to_structlog
@@ -98,12 +98,6 @@ def lines(records: list[LogRecord], program: str, stream: str | None = None) -> 
         if r.fields.get("child") == program
         and r.fields.get("stream") in ((stream,) if stream else ("stdout", "stderr"))
     ]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 async def logged(bus: Bus, recorder: LogRecorder, text: str, count: int) -> None:
