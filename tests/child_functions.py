@@ -224,3 +224,23 @@ async def report_console_modules(bus: Bus, link: ParentLink) -> None:
     await link.send((loaded, taken, rich.__file__))
     async for _ in link:
         pass
+
+
+async def leaves_work_for_its_end(bus: Bus, link: ParentLink) -> None:
+    """Take a folder; register an atexit handler writing ``atexit`` there and start a non-daemon
+    thread writing ``thread`` there a little later; say so, then serve until stopped."""
+    import atexit
+    import pathlib
+    import threading
+
+    folder = pathlib.Path(await link.receive())
+    atexit.register((folder / "atexit").write_text, "ran")
+
+    def late() -> None:
+        time.sleep(0.5)
+        (folder / "thread").write_text("ran")
+
+    threading.Thread(target=late, daemon=False).start()
+    await link.send("armed")
+    async for _ in link:
+        pass

@@ -161,6 +161,20 @@ class TestLightWorker:
                 loaded, taken, where = await broker.receive()
         assert (False, False, str(tmp_path / "rich" / "__init__.py")) == (loaded, taken, where)
 
+    async def test_a_worker_s_end_runs_atexit_handlers_and_waits_for_its_threads(self, tmp_path: Path) -> None:
+        """A worker ends without the interpreter's teardown, yet its atexit handlers run and a thread not
+        marked daemon finishes first, as at any interpreter's exit."""
+        async with Bus() as bus:
+            broker = ChildBroker(bus, "ender", child_functions.leaves_work_for_its_end)
+            broker.subscribe()
+            await bus.start()
+            await broker.send(str(tmp_path))
+            with anyio.fail_after(60):
+                assert "armed" == await broker.receive()
+            pid = broker.pid
+        assert pid is not None and not alive([pid])
+        assert ("ran", "ran") == ((tmp_path / "atexit").read_text(), (tmp_path / "thread").read_text())
+
     def test_importing_aiobus_loads_none_of_its_layers(self) -> None:
         """``import aiobus`` loads neither anyio nor structlog nor a module of the package; a name does, when used."""
         code = (
