@@ -11,6 +11,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 
 import anyio
 import pytest
+from redis_servers import RedisServer
 
 from aiobus import Bus, State
 from aiobus.redis import Fleet, RedisBridge
@@ -144,6 +145,16 @@ class TestFleetCommand:
         assert 3 == code
         assert "cannot reach Redis at redis://me:***@127.0.0.1:1/0" in err
         assert "hidden-pw" not in out + err
+
+    async def test_a_wrong_password_is_exit_code_3_with_the_password_hidden(self, own_redis: RedisServer) -> None:
+        """Redis refuses us: one line saying so, the password hidden, exit code 3."""
+        own_redis.password = "right-pw-1234"
+        own_redis.restart()
+        code, out, err = await fleet_command("status", url=own_redis.url.replace("right-pw-1234", "wrong-pw-5678"))
+
+        assert 3 == code
+        assert "refused us" in err and "default:***@" in err
+        assert "wrong-pw-5678" not in out + err and "Traceback" not in err
 
     async def test_without_a_url_it_is_a_usage_error(self) -> None:
         """No --redis and no AIOBUS_REDIS_URL: exit code 2."""
