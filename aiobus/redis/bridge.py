@@ -135,7 +135,8 @@ class RedisBridge:
         buffer: envelopes waiting to be sent beyond which more are counted as ``overflow`` and
             dropped. Received envelopes are published here one after another, as they come: while
             the local listeners run, the next ones wait in the Redis client's buffer.
-        timeout: seconds for connecting and for each command; a server silent longer counts as away.
+        timeout: seconds for connecting and for the presence refresh (the commands of the fleet
+            too): a server silent longer, as a paused one is, counts as away.
         presence_ttl: seconds the presence key lives without a refresh (at least 3 main intervals).
         fleet: whether to answer fleet operations (anyone who may publish on the deployment's
             fleet channel may then stop this bus).
