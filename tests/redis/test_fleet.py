@@ -98,6 +98,37 @@ class TestFleet:
 
         assert ({"a": "STARTED"}, ("deaf",), False) == (dict(result.answered), result.missing, result.ok)
 
+    async def test_a_listener_that_hangs_does_not_keep_the_bus_from_answering(
+        self, shared_redis: str, prefix: str
+    ) -> None:
+        """Fleet requests come on a connection of their own: a bus stuck in a bridged message's listener
+        still answers, and its exit cancels that listener."""
+        async with AsyncExitStack() as stack:
+            sender = await stack.enter_async_context(Bus())
+            RedisBridge(sender, shared_redis, node="sender", prefix=prefix, group="s", outgoing=["x"]).subscribe()
+            stuck = await stack.enter_async_context(Bus())
+            RedisBridge(stuck, shared_redis, node="stuck", prefix=prefix, group="g", incoming=["x"]).subscribe()
+            entered = anyio.Event()
+
+            async def hang(*_: object) -> None:
+                entered.set()
+                await anyio.sleep_forever()
+
+            stuck.subscribe("x", hang)
+            await sender.start()
+            await stuck.start()
+            await sender.publish("x", 1)
+            with anyio.fail_after(30):
+                await entered.wait()
+            fleet = Fleet(shared_redis, prefix=prefix, group="g")
+            status = await fleet.status(deadline=30)
+            exited = await fleet.exit(deadline=30)
+            with anyio.fail_after(30):
+                await stuck.wait(State.EXITING)
+
+        assert ({"stuck": "STARTED"}, ()) == (dict(status.answered), status.missing)
+        assert exited.ok
+
     async def test_another_group_is_not_asked(self, shared_redis: str, prefix: str) -> None:
         """A bus of group h neither answers group g's request nor counts as missing there."""
         async with fleet_of(shared_redis, prefix, "a"), fleet_of(shared_redis, prefix, "other", group="h"):
