@@ -51,7 +51,8 @@ def typecheck(session: nox.Session) -> None:
 @nox.session
 def bench(session: nox.Session) -> None:
     """Benchmarks (bench/): figures and ratios against baselines measured in the same run."""
-    session.install(".[redis]", "trio>=0.25", "cherrypy")
+    # rich too: a child's memory is measured as a user with rich installed would see it
+    session.install(".[redis]", "trio>=0.25", "cherrypy", "rich")
     for script in sorted(os.listdir("bench")):
         if script.startswith("bench_") and script.endswith(".py"):
             session.run("python", os.path.join("bench", script), *session.posargs)

@@ -14,6 +14,10 @@ forced shutdown); 2 for a bad command line or target, with one line on stderr.
 
 ``aiobus ctl --socket PATH COMMAND`` steers a service run with ``--control PATH``: see
 ``_ctl`` (its exit codes are its own: 0, 1, 2 and 3).
+
+``aiobus fleet --redis URL OP`` asks the buses bridged through Redis for their state or to
+graceful, stop or exit: see ``aiobus.redis.fleet`` (exit codes 0, 1, 2 and 3); imported only
+then, so that the rest of the command works without the redis extra.
 """
 
 from __future__ import annotations
@@ -161,7 +165,42 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_file_arguments(commands, run)
     add_ctl_parser(commands, _Parser)
+    _add_fleet_parser(commands)
     return parser
+
+
+def _add_fleet_parser(commands: Any) -> None:
+    """``aiobus fleet``: operations on the buses bridged through Redis (run by ``aiobus.redis.fleet``)."""
+    epilog = (
+        "Exit codes: 0 every bus present answered; 1 some did not (named); 2 a bad command line; "
+        "3 Redis could not be reached or refused us."
+    )
+    fleet = commands.add_parser(
+        "fleet",
+        help="status, graceful, stop or exit of the buses bridged through Redis (needs aiobus[redis])",
+        description=(
+            "Ask every bus of a group (each with a RedisBridge) for its state, or to publish graceful, stop or "
+            "exit; print who answered by the deadline and who did not. The URL comes from --redis or the "
+            "environment variable AIOBUS_REDIS_URL (better for a password: a command line is visible to "
+            "other users); its password is never printed."
+        ),
+        epilog=epilog,
+    )
+    fleet.add_argument(
+        "op", metavar="OP", choices=("status", "graceful", "stop", "exit"), help="status, graceful, stop or exit"
+    )
+    fleet.add_argument("--redis", metavar="URL", help="redis://[user:password@]host:port/db, rediss:// for TLS")
+    fleet.add_argument("--prefix", default="aiobus", help="the deployment's key prefix (default: aiobus)")
+    fleet.add_argument("--group", default="default", help="the group of buses (default: default)")
+    fleet.add_argument(
+        "--deadline",
+        metavar="SECONDS",
+        type=_positive_seconds,
+        default=5.0,
+        help="seconds to wait for the answers (default: 5)",
+    )
+    fleet.add_argument("--node", action="append", metavar="NODE", help="only this bus (may be repeated)")
+    fleet.add_argument("--json", action="store_true", help="print one JSON document")
 
 
 def load_target(target: str) -> Callable[..., Any]:
@@ -273,6 +312,12 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     args = parser.parse_args(argv)
     if args.command == "ctl":
         raise SystemExit(run_ctl(args))
+    if args.command == "fleet":
+        try:
+            from .redis.fleet import run_fleet
+        except ImportError as error:
+            _fail(f"fleet: {error}")
+        raise SystemExit(run_fleet(args))
     _check_current_directory()
     spec = None
     if args.command == "check" or args.config is not None or args.procfile is not None:

@@ -208,3 +208,39 @@ async def report_environment(bus: Bus, link: ParentLink) -> None:
     await link.send({name: os.environ.get(name) for name in names})
     async for _ in link:
         pass
+
+
+async def report_console_modules(bus: Bus, link: ParentLink) -> None:
+    """Send whether rich was loaded with structlog, whether structlog's console renderer took it, and
+    where ``import rich`` finds it when the child's own code asks; then serve until stopped."""
+    import sys
+
+    import structlog.dev
+
+    loaded = "rich" in sys.modules
+    taken = getattr(structlog.dev, "rich", None) is not None
+    import rich  # type: ignore[import-not-found]  # a stand-in the test puts on PYTHONPATH
+
+    await link.send((loaded, taken, rich.__file__))
+    async for _ in link:
+        pass
+
+
+async def leaves_work_for_its_end(bus: Bus, link: ParentLink) -> None:
+    """Take a folder; register an atexit handler writing ``atexit`` there and start a non-daemon
+    thread writing ``thread`` there a little later; say so, then serve until stopped."""
+    import atexit
+    import pathlib
+    import threading
+
+    folder = pathlib.Path(await link.receive())
+    atexit.register((folder / "atexit").write_text, "ran")
+
+    def late() -> None:
+        time.sleep(0.5)
+        (folder / "thread").write_text("ran")
+
+    threading.Thread(target=late, daemon=False).start()
+    await link.send("armed")
+    async for _ in link:
+        pass

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+import socket
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -66,3 +68,31 @@ async def wait_for_ticks(bus: Bus, count: int, seconds: float = 10) -> None:
             await reached.wait()
     finally:
         bus.unsubscribe("main", check)
+
+
+_TAKEN: set[int] = set()
+
+
+def free_port() -> int:
+    """A loopback TCP port free now, below the kernel's ephemeral range, and not given before in this run.
+
+    A port from ``bind(("127.0.0.1", 0))`` comes from the ephemeral range, where any outgoing connection
+    of any process (the shared machine's, the tests' own) may take it before the program under test binds
+    it; below that range only an explicit bind can.
+    """
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as file:
+            ephemeral = int(file.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral = 32768
+    while True:
+        port = random.randrange(10000, max(ephemeral, 10001))
+        if port in _TAKEN:
+            continue
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _TAKEN.add(port)
+        return port

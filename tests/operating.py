@@ -128,7 +128,7 @@ def start_service(
     if quiet:
         wait_started(socket_path)
     else:
-        child.wait_for('"Bus STARTED"', timeout=WAIT)
+        child.wait_for_own_event("Bus STARTED", timeout=WAIT)  # not a child broker's relayed one
     return child
 
 

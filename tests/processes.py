@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
@@ -44,6 +45,17 @@ def descendants(pid: int | None = None) -> set[int]:
         frontier = {child for child, parent in parents.items() if parent in frontier} - found
         found |= frontier
     return found
+
+
+def _json_line(line: str) -> dict[str, Any] | None:
+    """A JSON log line's fields; None for any other line."""
+    if not line.startswith("{"):
+        return None
+    try:
+        fields = json.loads(line)
+    except ValueError:
+        return None
+    return fields if isinstance(fields, dict) else None
 
 
 class Child:
@@ -89,23 +101,39 @@ class Child:
 
     def wait_for(self, text: str, timeout: float = 30, count: int = 1) -> str:
         """Wait until ``count`` lines containing ``text`` have been printed, and return the last."""
+        return self._wait_for_line(lambda line: text in line, repr(text), timeout, count)
+
+    def wait_for_own_event(self, event: str, timeout: float = 30) -> dict[str, Any]:
+        """Wait for a JSON log line of this process's own bus (not one relayed from a child, which
+        has a ``child`` field) whose event is ``event``; return it parsed."""
+
+        def own(line: str) -> bool:
+            fields = _json_line(line)
+            return fields is not None and fields.get("event") == event and "child" not in fields
+
+        line = self._wait_for_line(own, f"its own {event!r} event", timeout, 1)
+        fields = _json_line(line)
+        assert fields is not None
+        return fields
+
+    def _wait_for_line(self, matches: Callable[[str], bool], what: str, timeout: float, count: int) -> str:
         deadline = time.monotonic() + timeout
         seen = 0
         found = 0
         with self._changed:
             while True:
                 for line in self.lines[seen:]:
-                    if text in line:
+                    if matches(line):
                         found += 1
                         if found == count:
                             return line
                 seen = len(self.lines)
                 if self._eof:
                     output = self.output_locked()
-                    raise AssertionError(f"the child ended without printing {text!r} {count} time(s):\n{output}")
+                    raise AssertionError(f"the child ended without printing {what} {count} time(s):\n{output}")
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise AssertionError(f"no {text!r} within {timeout} s:\n{self.output_locked()}")
+                    raise AssertionError(f"no {what} within {timeout} s:\n{self.output_locked()}")
                 self._changed.wait(remaining)
 
     def output_locked(self) -> str:
@@ -113,14 +141,7 @@ class Child:
 
     def events(self) -> list[dict[str, Any]]:
         """The JSON log lines printed so far, parsed."""
-        found = []
-        for line in self.lines:
-            if line.startswith("{"):
-                try:
-                    found.append(json.loads(line))
-                except ValueError:
-                    pass
-        return found
+        return [fields for fields in map(_json_line, self.lines) if fields is not None]
 
     def send(self, sig: int) -> None:
         os.kill(self.pid, sig)

@@ -8,6 +8,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from helpers import free_port
+
 
 def answers(host: str, port: int) -> bool:
     try:
@@ -18,12 +20,6 @@ def answers(host: str, port: int) -> bool:
         return False
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 class RedisServer:
     """A ``redis-server`` of a test's own on a loopback port: nothing on disk; it can be killed,
     paused (SIGSTOP), resumed and restarted on the same port."""
@@ -32,7 +28,7 @@ class RedisServer:
         self.binary = binary
         self.folder = folder
         self.password = password
-        self.port = _free_port()
+        self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property

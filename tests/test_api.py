@@ -2,16 +2,44 @@
 
 from __future__ import annotations
 
+import ast
+from pathlib import Path
+
+import pytest
+
 import aiobus
 import aiobus.plugins
 
 
 def test_all_lists_exactly_the_public_names() -> None:
     """``__all__`` names every public name of the package, and each exists."""
-    public = {name for name in vars(aiobus) if not name.startswith("_") and name != "plugins"}
+    public = {name for name in dir(aiobus) if not name.startswith("_") and name not in ("plugins", "redis")}
+    public -= {"TYPE_CHECKING", "lazy_exports"}
     assert sorted(public) == sorted(aiobus.__all__)
     for name in aiobus.__all__:
         assert getattr(aiobus, name) is not None
+
+
+def test_the_lazy_exports_match_what_type_checkers_see() -> None:
+    """Each name of ``__all__`` is imported lazily from the module that the TYPE_CHECKING block names."""
+    tree = ast.parse(Path(aiobus.__file__).read_text())
+    checked = {
+        (f".{node.module}", alias.name)
+        for block in tree.body
+        if isinstance(block, ast.If) and isinstance(block.test, ast.Name) and block.test.id == "TYPE_CHECKING"
+        for node in block.body
+        if isinstance(node, ast.ImportFrom) and node.module is not None
+        for alias in node.names
+    }
+    lazy = {(module, name) for module, names in aiobus._EXPORTS.items() for name in names}
+    assert checked == lazy
+    assert sorted(name for _, name in lazy) == sorted(aiobus.__all__)
+
+
+def test_an_unknown_name_is_an_attribute_error() -> None:
+    """Asking aiobus for a name it does not export raises AttributeError naming it."""
+    with pytest.raises(AttributeError, match="'Buss'"):
+        aiobus.Buss  # noqa: B018
 
 
 def test_contract_names_are_importable() -> None:

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import re
 import signal
-import socket
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+from helpers import free_port
 from processes import Spawner
 
 from aiobus import Bus, Priority, Supervisor
@@ -162,12 +162,6 @@ async def main() -> int:
 
 raise SystemExit(anyio.run(main))
 """
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="real processes and signals (Linux)")

@@ -1,7 +1,5 @@
-"""Child brokers: an async function run in a child process with a bus of its own, linked to the parent."""
+"""Child brokers: an async function run in a child process with a bus of its own, linked to the parent.
 
-from .child import ParentLink as ParentLink
-from .output import LineSplitter as LineSplitter
-from .parent import ChildBroker as ChildBroker
-from .parent import ChildUnavailable as ChildUnavailable
-from .workers import end_idle_workers as end_idle_workers
+Nothing is imported here: the parent's side (``parent``) and the worker's (``child``) each load
+only their own modules; the names are exported by :mod:`aiobus`.
+"""

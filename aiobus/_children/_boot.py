@@ -1,6 +1,7 @@
 """The worker process's entry: ``python -P .../_boot.py ANYIO CONTROL DATA BEATS LOGS``.
 
-It imports nothing of aiobus: the worker loads aiobus, and the parent's main module, with
+It imports nothing of aiobus (only structlog, early: see :func:`_import_structlog_quietly`): the
+worker loads aiobus, and the parent's main module, with
 the parent's ``sys.path`` (anyio's ``init``), as anyio's own workers do. Each argument is a
 descriptor of a socket the parent passed (see :mod:`.messages`). Before anything else runs
 they are made close-on-exec, so the worker's own subprocesses never hold them; then anyio's
@@ -17,6 +18,7 @@ from typing import BinaryIO
 
 _PR_SET_DUMPABLE = 4
 _PR_SET_CHILD_SUBREAPER = 36
+_CONSOLE_ONLY = ("rich", "better_exceptions", "colorama")
 
 
 class _Replies:
@@ -52,8 +54,26 @@ def _harden() -> None:
         libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)  # what the child starts stays below it
 
 
+def _import_structlog_quietly() -> None:
+    """Import structlog now, with rich and better-exceptions hidden from it: the child renders
+    nothing on a console (its log events go to the parent as JSON), so structlog's console
+    renderer must not load them (rich alone costs several MiB per child). They are hidden only
+    while structlog imports: the child's own code may still import and use them."""
+    hidden = [name for name in _CONSOLE_ONLY if name not in sys.modules]
+    for name in hidden:
+        sys.modules[name] = None  # type: ignore[assignment]  # makes "import rich" raise ImportError
+    try:
+        import structlog  # noqa: F401
+    except ImportError:
+        pass  # not on this path: the worker imports it from the parent's path later, as it is
+    finally:
+        for name in hidden:
+            del sys.modules[name]
+
+
 def main(args: list[str]) -> None:
     _harden()
+    _import_structlog_quietly()
     fds = [int(arg) for arg in args]
     for fd in fds:
         os.set_inheritable(fd, False)
@@ -64,7 +84,39 @@ def main(args: list[str]) -> None:
 
     from anyio.to_process import process_worker
 
-    process_worker()
+    try:
+        process_worker()
+    except SystemExit as end:  # the child's exit code (run_child raises it once the child has ended)
+        _end(end.code)
+    _end(0)
+
+
+def _end(code: object) -> None:
+    """End the worker as the interpreter would, but for its teardown: threads not marked daemon
+    are waited for, atexit handlers run, the standard streams are flushed, then ``os._exit``.
+    Freeing each module's objects one by one costs more CPU than the rest of a child's stop (many
+    children stopping together spent most of their stop there); like a child of ``multiprocessing``,
+    a worker skips it, so what a child's code left unclosed is not flushed by a finalizer."""
+    import atexit
+    import threading
+
+    shutdown = getattr(threading, "_shutdown", None)  # what the interpreter calls first at its exit
+    if shutdown is not None:
+        shutdown()
+    atexit._run_exitfuncs()
+    if code is None:
+        status = 0
+    elif isinstance(code, int):
+        status = code & 0xFF
+    else:
+        sys.stderr.write(f"{code}\n")  # as the interpreter does with SystemExit("message")
+        status = 1
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (AttributeError, OSError, ValueError):
+            pass  # nowhere left to write to
+    os._exit(status)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .._bus import Bus
-from .._children import ChildBroker
+from .._children.parent import ChildBroker
 from .._supervision import Child, Supervisor, default_supervisor
 from .validate import ConfigError, ServiceSpec
 

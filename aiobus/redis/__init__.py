@@ -13,6 +13,13 @@ from ._connect import Backoff as Backoff
 from ._connect import RedisUnavailable as RedisUnavailable
 from ._connect import connect as connect
 from ._connect import redact as redact
+from ._ledger import BridgeStatistics as BridgeStatistics
+from ._wire import Envelope as Envelope
+from .bridge import RedisBridge as RedisBridge
+from .bridge import current_envelope as current_envelope
+from .fleet import Fleet as Fleet
+from .fleet import FleetResult as FleetResult
+from .fleet import Presence as Presence
 from .streams import RemoteBroker as RemoteBroker
 from .streams import RemoteBrokerStatistics as RemoteBrokerStatistics
 from .streams_broker import StreamBroker as StreamBroker
@@ -21,6 +28,12 @@ from .streams_link import StreamLink as StreamLink
 
 __all__ = [
     "Backoff",
+    "BridgeStatistics",
+    "Envelope",
+    "Fleet",
+    "FleetResult",
+    "Presence",
+    "RedisBridge",
     "RedisUnavailable",
     "RemoteBroker",
     "RemoteBrokerStatistics",
@@ -28,5 +41,6 @@ __all__ = [
     "StreamBrokerStatistics",
     "StreamLink",
     "connect",
+    "current_envelope",
     "redact",
 ]

@@ -9,6 +9,7 @@ import warnings
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 try:
@@ -18,6 +19,7 @@ except ImportError as error:  # pragma: no cover - the extra is installed wherev
     raise ImportError("aiobus.redis needs coredis: pip install 'aiobus[redis]'") from error
 
 import anyio
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 #: What a connection attempt or a command may raise when the server is away, slow or refuses us.
 CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
@@ -31,11 +33,16 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
 _FAILURES: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, coredis.exceptions.ResponseError)
 
 _SCHEMES = ("redis", "rediss", "unix")
+_REFUSED = "refused us"
 
 
 class RedisUnavailable(ConnectionError):
     """Redis could not be reached or refused us (wrong password, unknown user); the URL in the message
-    has its password hidden."""
+    has its password hidden. ``refused`` tells a refusal (retrying will not help) from an absence."""
+
+    def __init__(self, message: str, *, refused: bool = False) -> None:
+        super().__init__(message)
+        self.refused = refused
 
 
 def redact(url: str) -> str:
@@ -74,6 +81,8 @@ async def connect(url: str, *, timeout: float = 5.0) -> AsyncIterator[coredis.Re
     client: coredis.Redis[str] = coredis.Redis.from_url(
         url, decode_responses=True, connect_timeout=timeout, stream_timeout=timeout
     )
+    pool = client.connection_pool
+    pool.connection_class = _tidy(pool.connection_class)
     failure: str | None = None
     yielded = False
     try:
@@ -96,7 +105,34 @@ async def connect(url: str, *, timeout: float = 5.0) -> AsyncIterator[coredis.Re
         failure = failure or _failure(url, error)
     if failure is not None:
         _forget_failed_connections()
-        raise RedisUnavailable(failure)
+        raise RedisUnavailable(failure, refused=_REFUSED in failure)
+
+
+_TIDY: dict[type[Any], type[Any]] = {}
+
+
+def _tidy(base: type[Any]) -> type[Any]:
+    """``base``, a coredis connection class, whose instances close their anyio memory streams when
+    they end: coredis closes them only after a connection succeeded, and a failed attempt's would
+    warn (ResourceWarning) whenever the garbage collector happens to run, in unrelated code."""
+
+    if base in _TIDY.values():
+        return base
+    if base in _TIDY:
+        return _TIDY[base]
+
+    class Tidy(base):  # type: ignore[misc]
+        async def run(self, *args: Any, **kwargs: Any) -> None:
+            try:
+                await super().run(*args, **kwargs)
+            finally:
+                for value in list(vars(self).values()):
+                    if isinstance(value, MemoryObjectSendStream | MemoryObjectReceiveStream):
+                        value.close()
+
+    Tidy.__name__ = Tidy.__qualname__ = f"Tidy{base.__name__}"
+    _TIDY[base] = Tidy
+    return Tidy
 
 
 def _forget_failed_connections() -> None:
@@ -109,7 +145,7 @@ def _forget_failed_connections() -> None:
 
 def _failure(url: str, error: BaseException) -> str:
     if isinstance(error, coredis.exceptions.ResponseError):  # a wrong password, an unknown user...
-        return f"Redis at {redact(url)} refused us: {_reason(error)}"
+        return f"Redis at {redact(url)} {_REFUSED}: {_reason(error)}"
     return f"cannot reach Redis at {redact(url)}: {_reason(error)}"
 
 

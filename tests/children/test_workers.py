@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -139,3 +140,47 @@ def assert_none_left_in(directory: Path, timeout: float = 10) -> None:
             return
         assert time.monotonic() < deadline, f"processes left behind: {alive(left)}"
         time.sleep(0.05)
+
+
+class TestLightWorker:
+    async def test_a_worker_loads_no_console_renderer_library_yet_its_code_may(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """With rich importable, a worker's structlog does not load it, and the child's own ``import rich`` works."""
+        (tmp_path / "rich").mkdir()
+        (tmp_path / "rich" / "__init__.py").write_text("")
+        (tmp_path / "rich" / "console.py").write_text("class Console: ...\n")
+        (tmp_path / "rich" / "traceback.py").write_text("class Traceback: ...\n")
+        monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), *sys.path]))  # the worker's path at boot
+        monkeypatch.syspath_prepend(str(tmp_path))  # its path once it runs (anyio gives it the parent's)
+        async with Bus() as bus:
+            broker = ChildBroker(bus, "console", child_functions.report_console_modules)
+            broker.subscribe()
+            await bus.start()
+            with anyio.fail_after(60):
+                loaded, taken, where = await broker.receive()
+        assert (False, False, str(tmp_path / "rich" / "__init__.py")) == (loaded, taken, where)
+
+    async def test_a_worker_s_end_runs_atexit_handlers_and_waits_for_its_threads(self, tmp_path: Path) -> None:
+        """A worker ends without the interpreter's teardown, yet its atexit handlers run and a thread not
+        marked daemon finishes first, as at any interpreter's exit."""
+        async with Bus() as bus:
+            broker = ChildBroker(bus, "ender", child_functions.leaves_work_for_its_end)
+            broker.subscribe()
+            await bus.start()
+            await broker.send(str(tmp_path))
+            with anyio.fail_after(60):
+                assert "armed" == await broker.receive()
+            pid = broker.pid
+        assert pid is not None and not alive([pid])
+        assert ("ran", "ran") == ((tmp_path / "atexit").read_text(), (tmp_path / "thread").read_text())
+
+    def test_importing_aiobus_loads_none_of_its_layers(self) -> None:
+        """``import aiobus`` loads neither anyio nor structlog nor a module of the package; a name does, when used."""
+        code = (
+            "import sys, aiobus; layers = ('aiobus._b', 'aiobus._c', 'anyio', 'structlog');"
+            "before = sorted(m for m in sys.modules if m.startswith(layers));"
+            "aiobus.Bus; print(before, 'aiobus._bus' in sys.modules)"
+        )
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+        assert "[] True" == done.stdout.strip()
