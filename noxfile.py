@@ -12,11 +12,8 @@ nox.options.reuse_existing_virtualenvs = True
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    """Run the test suite against the installed package, with coverage.
-
-    The gate is 50% for now: a fresh-clone run on 2026-12-02 measured 56.6% where earlier runs
-    measured 92.8% (child processes' data not all combined, not diagnosed yet); back to 90 once
-    the measurement is fixed."""
+    """Run the test suite against the installed package, with coverage (fail under 89%: about 90.5%
+    is measured, and some branches depend on timing)."""
     session.install(".[reload,redis,test]")  # the test extra (pyproject.toml) lists the test dependencies
     # Child processes write their coverage data too: some run as another user (after
     # DropPrivileges) or elsewhere (a daemon's chdir("/")), so the data goes to an
@@ -27,7 +24,7 @@ def tests(session: nox.Session) -> None:
             "pytest",
             "--cov",
             "--cov-report=term-missing",
-            "--cov-fail-under=50",
+            "--cov-fail-under=89",
             *session.posargs,
             env={"COVERAGE_FILE": os.path.join(data, ".coverage")},
         )
