@@ -20,6 +20,8 @@ Layers, from the bottom up; each uses only the public API of the ones below it:
    side), ``child`` (the child's side, run in an ``anyio.to_process`` worker), ``output``
    (output forwarding) and ``workers`` (the only code touching anyio's process internals).
 5. ``aiobus.plugins``: one module per plugin, built on the public API above.
+6. ``aiobus.redis`` (the optional ``redis`` extra): bridged buses, fleet operations and
+   brokers on a Redis Stream, on the public API; nothing above imports it.
 
 Each public name is imported on first use (``_lazy``): ``import aiobus`` loads none of
 the layers, and a child broker's worker loads only what its function needs.
